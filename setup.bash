@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-command install into the active Python environment. Idempotent.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+PYTHON="${PYTHON:-python}"
+
+# torch first, and only if it is missing: a bare `torch` requirement can pull several GB of
+# CUDA wheels, and pip must never replace a torch the user already has.
+if "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "setup: torch $("$PYTHON" -c 'import torch; print(torch.__version__)') already installed, keeping it"
+else
+  echo "setup: installing torch==${TORCH_VERSION:-2.13.0}"
+  "$PYTHON" -m pip install "torch==${TORCH_VERSION:-2.13.0}"
+fi
+
+# Pin the installed torch so resolving the other dependencies cannot swap it out.
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$("$PYTHON" -c 'import torch; print(torch.__version__)')" >"$constraints"
+echo "setup: installing attention-simulator in editable mode with the dev extra"
+"$PYTHON" -m pip install -q -c "$constraints" -e ".[dev]"
+
+echo "setup: done. Next: python -m pytest -q"
