@@ -1,0 +1,94 @@
+"""Resumable, reproducible batching shared by every task's data.
+
+Batches are lists of `(epoch, index)` keys drawn from a per-epoch permutation seeded by
+`(seed, epoch)`, and each sample's augmentation uses a generator seeded by `(seed, epoch,
+index)`. So a batch is a pure function of its position: resuming needs only the number of
+batches consumed, and results do not depend on the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+Key = tuple[int, int]  # (epoch, index)
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (splitmix64 steps): distinct parts, unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochBatchSampler(Sampler[list[Key]]):
+    """Infinite training batches (drop_last) starting at batch `start`; each rank takes its slice."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        global_batch = batch_size * world_size
+        if num_items < global_batch:
+            raise ValueError(f"{num_items} training items cannot fill one batch of {global_batch}; lower batch_size.")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+        self.batches_per_epoch = num_items // global_batch
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        batch, perm_epoch, perm = self.start, None, None
+        while True:
+            epoch, i = divmod(batch, self.batches_per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(seed_for(self.seed, epoch))
+                perm, perm_epoch = torch.randperm(self.num_items, generator=g).tolist(), epoch
+            lo = (i * self.world_size + self.rank) * self.batch_size
+            yield [(epoch, idx) for idx in perm[lo : lo + self.batch_size]]
+            batch += 1
+
+
+def eval_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[Key]]:
+    """Every item once, in order, strided over ranks (epoch 0: no augmentation applies)."""
+    mine = list(range(rank, num_items, world_size))
+    return [[(0, i) for i in mine[lo : lo + batch_size]] for lo in range(0, len(mine), batch_size)]
+
+
+class KeyedDataset(Dataset):
+    """Rows of `source` turned into a batch by `transform(rows, generators)`.
+
+    `source[list_of_indices]` must return the rows (a 🤗 `datasets.Dataset` returns a dict of
+    columns); one generator per row is seeded by (seed, epoch, index).
+    """
+
+    def __init__(self, source, transform: Callable, seed: int):
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitems__(self, keys: Sequence[Key]):
+        rows = self.source[[i for _, i in keys]]
+        generators = [torch.Generator().manual_seed(seed_for(self.seed, e, i)) for e, i in keys]
+        return self.transform(rows, generators)
+
+    def __getitem__(self, key: Key):  # DataLoader uses __getitems__; this keeps the Dataset protocol
+        return self.__getitems__([key])
+
+
+def _already_batched(batch):
+    return batch
+
+
+def make_loader(dataset: KeyedDataset, batches, num_workers: int = 0) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=_already_batched,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        # its own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run's dropout masks would be one draw off from an uninterrupted run's
+        generator=torch.Generator(),
+    )

@@ -1,0 +1,93 @@
+"""The transformer block shared by every model: pre-norm attention + MLP, optional LayerScale
+and stochastic depth (each `nn.Identity` when off)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import Attention, AttentionConfig
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable gain on a residual branch (Touvron et al. 2021, CaiT).
+
+    Starting it small keeps each branch's contribution -- and so the attention norms the
+    sigmoid paper warns about -- small early in training."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample, rescale the survivors."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+def _optional(module_cls, value, *args):
+    return module_cls(*args, value) if value else nn.Identity()
+
+
+class TransformerBlock(nn.Module):
+    """x + drop_path(ls(attn(norm(x)))), then the same with the MLP: (B, T, C) -> (B, T, C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attention: AttentionConfig = AttentionConfig(),
+        mlp_ratio: float = 4.0,
+        layer_scale: float | None = None,
+        drop_path: float = 0.0,
+        causal: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, attention, causal=causal)
+        self.ls1 = _optional(LayerScale, layer_scale, dim)
+        self.drop_path1 = _optional(DropPath, drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), attention.proj_drop)
+        self.ls2 = _optional(LayerScale, layer_scale, dim)
+        self.drop_path2 = _optional(DropPath, drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))  # (B, T, C)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # (B, T, C)
+        return x
+
+
+def init_weights(module: nn.Module, std: float = 0.02):
+    """timm's ViT init: truncated-normal linear/embedding weights, zero biases, unit norms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,85 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) for image classification."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..attention import AttentionConfig
+from ..errors import ConfigError
+from .block import TransformerBlock, init_weights
+
+
+def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE / big_vision): (grid*grid, dim)."""
+    if dim % 4:
+        raise ConfigError(f"sin-cos position embeddings need a width divisible by 4, got {dim}.")
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    y = y.flatten()[:, None] * omega[None]
+    x = x.flatten()[:, None] * omega[None]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """images (B, C, H, W) -> logits (B, num_classes)."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        num_classes: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        pool: str = "cls",
+        pos_embed: str = "learned",
+        layer_scale: float | None = None,
+        drop_path: float = 0.0,
+        attention: AttentionConfig = AttentionConfig(),
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ConfigError(f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}.")
+        if pool not in ("cls", "avg"):
+            raise ConfigError(f"model.pool={pool!r}: use 'cls' (class token) or 'avg' (global average pooling).")
+        if pos_embed not in ("learned", "sincos"):
+            raise ConfigError(f"model.pos_embed={pos_embed!r}: use 'learned' or 'sincos'.")
+        self.patch_size, self.pool = patch_size, pool
+        grid = img_size // patch_size
+        self.patch_embed = nn.Linear(in_chans * patch_size**2, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        else:
+            self.register_buffer("pos_embed", sincos_2d(grid, dim)[None], persistent=False)
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate) for rate in rates
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.apply(init_weights)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, p*p*C)
+        x = self.patch_embed(x) + self.pos_embed  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        for block in self.blocks:
+            x = block(x)  # (B, T, D)
+        x = self.norm(x)
+        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
+        return self.head(x)  # (B, num_classes)

@@ -1,0 +1,5 @@
+"""Metric sinks (W&B, parquet, console) behind one `Tracker`."""
+
+from .sinks import ConsoleSink, ParquetSink, Tracker, WandbSink, build_tracker
+
+__all__ = ["Tracker", "build_tracker", "ParquetSink", "ConsoleSink", "WandbSink"]

@@ -1,0 +1,73 @@
+"""Entry point: compose the config, build the components, fit.
+
+python -m attention_simulator.train +experiment=vit_sigmoid [key=value ...]
+python -m attention_simulator.train --help        # config groups and options
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import optorch
+
+from .config import CONFIG_DIR, build, validate
+from .diagnostics.report import write_report
+from .errors import ConfigError
+from .trainer import Trainer
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
+    """The optimizer from `optimizer/` (a partial) with the `schedule/` multiplier on its lr;
+    no weight decay on biases, norms, LayerScale and embeddings."""
+    schedule = build(cfg.schedule, "schedule")
+    learning_rate = optorch.schedules.scaled(cfg.optimizer.learning_rate, schedule)
+    factory = build(cfg.optimizer, "optimizer")
+    mask = optorch.default_weight_decay_mask(model.named_parameters())
+    return factory(learning_rate=learning_rate, weight_decay_mask=mask), learning_rate
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Build everything from a composed config and train; return the final eval main metric."""
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer_cfg = build(cfg.trainer, "trainer")
+    seed_everything(trainer_cfg.seed)
+    data = build(cfg.data, "data")
+    # a partial: instantiate would turn the AttentionConfig dataclass back into a config node
+    model = build(cfg.model, "model", _partial_=True)(attention=build(cfg.attention, "attention"))
+    optimizer, learning_rate = build_optimizer(cfg, model)
+    tracker = build(cfg.logger, "logger")(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    task = build(cfg.task, "task")
+    trainer = Trainer(
+        trainer_cfg, task=task, model=model, optimizer=optimizer, data=data, tracker=tracker, run_dir=run_dir,
+        learning_rate=learning_rate,
+    )  # fmt: skip
+    trainer.fit()
+    final = write_report(run_dir, main_metric=task.main_metric)
+    print(f"run dir: {run_dir}")
+    return final.get(f"eval/{task.main_metric}", float("nan"))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as e:  # a user error: one paragraph, no traceback
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

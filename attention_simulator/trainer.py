@@ -1,0 +1,225 @@
+"""The training loop: steps, evaluation, mixed precision, accumulation, checkpoint and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import optorch
+
+from . import checkpoint as ckpt
+from .errors import ConfigError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainerConfig:
+    """Options of the loop (the `trainer/` config group)."""
+
+    max_steps: int = 1000
+    run_steps: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    eval_every: int = 250  # 0: evaluate only at the end
+    log_every: int = 10  # metrics are moved to the host (one transfer) every this many steps
+    checkpoint_every: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0  # global-norm clipping; null: off
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
+    device: str = "auto"  # auto: cuda if available, else cpu
+    seed: int = 0
+    resume: str | None = None  # null | auto | PATH (a checkpoint file or a run directory)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r}: use one of {list(PRECISIONS)}.")
+        for name in ("max_steps", "grad_accum", "log_every", "run_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1.")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, *, task, model, optimizer, data, tracker, run_dir, learning_rate=None):
+        self.cfg, self.task, self.data, self.tracker = config, task, data, tracker
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+        clip = [optorch.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
+        self.optimizer = optorch.chain(*clip, optimizer)
+        self.opt_state = self.optimizer.init(self.params)
+        self.learning_rate = learning_rate  # step -> lr, for logging
+        self.scaler = optorch.amp.dynamic_loss_scale() if config.precision == "fp16" else None
+        self.loss_scale = self.scaler.init(self.device) if self.scaler else None
+        self.step, self.skipped_steps = 0, 0
+        self.batches_consumed = 0  # the data position: micro-batches drawn so far
+        self.pending: list[dict[str, torch.Tensor]] = []  # per-step metrics on device, until the next log
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def fit(self):
+        self.restore()
+        batches = iter(self.data.train_loader(seed=self.cfg.seed, start=self.batches_consumed))
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True)
+        self.model.train()
+        end = (
+            self.cfg.max_steps
+            if self.cfg.run_steps is None
+            else min(self.cfg.max_steps, self.step + self.cfg.run_steps)
+        )
+        tic = time.perf_counter()
+        while self.step < end:
+            self.pending.append(self.train_step(batches))
+            self.step += 1
+            bar.update()
+            if self._every(self.cfg.log_every) or self.step == end:
+                self.log_training(bar, steps_per_sec=len(self.pending) / (time.perf_counter() - tic))
+                tic = time.perf_counter()
+            if self._every(self.cfg.eval_every) or self.step == self.cfg.max_steps:
+                self.evaluate()
+            if self._every(self.cfg.checkpoint_every) or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+        self.tracker.close()
+        return self
+
+    def _every(self, period: int) -> bool:
+        return period > 0 and self.step % period == 0
+
+    def autocast(self):
+        dtype = PRECISIONS[self.cfg.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, batches) -> dict[str, torch.Tensor]:
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(self.cfg.grad_accum):
+            with self.autocast():
+                loss, metrics = self.task.training_step(self.model, _to(next(batches), self.device))
+            self.batches_consumed += 1
+            loss = loss / self.cfg.grad_accum
+            (self.scaler.scale(loss, self.loss_scale) if self.scaler else loss).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.grad_accum
+        self.optimizer_step()
+        return totals
+
+    def optimizer_step(self):
+        grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in self.params.items()}
+        if self.scaler:
+            found_inf = self.scaler.unscale(grads, self.loss_scale)
+            self.loss_scale = self.scaler.update(self.loss_scale, found_inf)
+            if found_inf.item():  # the one sync fp16 needs, as GradScaler's
+                self.skipped_steps += 1
+                self.model.zero_grad(set_to_none=True)
+                return
+        updates, self.opt_state = self.optimizer.update(grads, self.opt_state, self.params)
+        optorch.apply_updates(self.params, updates)
+        self.model.zero_grad(set_to_none=True)
+
+    # ---- metrics ---------------------------------------------------------------------------------
+
+    def log_training(self, bar, steps_per_sec: float):
+        keys = list(self.pending[0])
+        extra = {"grad_norm": self.opt_state[0].global_norm} if self.cfg.grad_clip else {}
+        stacked = torch.stack([torch.stack([m[k] for m in self.pending]).mean() for k in keys] + list(extra.values()))
+        values = dict(zip([*keys, *extra], stacked.tolist()))  # one device -> host transfer
+        self.pending.clear()
+        metrics = {f"train/{k}": v for k, v in values.items()}
+        metrics["train/steps_per_sec"] = steps_per_sec
+        if self.learning_rate is not None:
+            metrics["train/lr"] = self.learning_rate(self.step - 1)
+        if self.scaler:
+            metrics["train/loss_scale"] = float(self.loss_scale.scale)
+            metrics["train/skipped_steps"] = self.skipped_steps
+        self.tracker.log(self.step, metrics)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", self.task.main_metric)})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        sums: dict[str, list] = {}
+        for batch in self.data.eval_loader():
+            with self.autocast():
+                for k, (total, count) in self.task.eval_step(self.model, _to(batch, self.device)).items():
+                    acc = sums.setdefault(k, [0.0, 0])
+                    acc[0], acc[1] = acc[0] + total, acc[1] + count
+        self.model.train()
+        names = list(sums)
+        totals = torch.stack([torch.as_tensor(sums[k][0], dtype=torch.float64, device=self.device) for k in names])
+        results = {f"eval/{k}": t / sums[k][1] for k, t in zip(names, totals.tolist())}
+        self.tracker.log(self.step, results)
+        self.tracker.flush()
+        return results
+
+    # ---- checkpoint / resume ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": optorch.state_dict(self.opt_state),
+            "loss_scale": optorch.state_dict(self.loss_scale) if self.scaler else None,
+            "skipped_steps": self.skipped_steps,
+            "data_position": self.batches_consumed,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+            },
+        }
+
+    def save_checkpoint(self):
+        directory = self.run_dir / "checkpoints"
+        ckpt.save_checkpoint(ckpt.checkpoint_path(directory, self.step), self.state_dict())
+        ckpt.prune(directory, self.cfg.keep_checkpoints)
+        self.tracker.flush()
+
+    def restore(self):
+        """Resume from trainer.resume, or refuse to start over a run that has checkpoints."""
+        directory = self.run_dir / "checkpoints"
+        path = ckpt.resolve_resume(self.cfg.resume, self.run_dir) if self.cfg.resume else None
+        if path is None:
+            if not self.cfg.resume and ckpt.list_checkpoints(directory):
+                raise ConfigError(
+                    f"{str(directory)!r} already holds checkpoints of an earlier run; nothing was overwritten. "
+                    "Continue it with trainer.resume=auto, or start fresh in another hydra.run.dir."
+                )
+            if self.cfg.resume:
+                tqdm.write(f"trainer.resume=auto: no checkpoint in {str(directory)!r} yet; starting at step 0")
+            return
+        state = ckpt.load_checkpoint(path)
+        self.load_state_dict(state)
+        tqdm.write(f"resumed from {path} at step {self.step}")
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.opt_state = optorch.load_state_dict(self.opt_state, state["optimizer"])
+        if self.scaler and state["loss_scale"] is not None:
+            self.loss_scale = optorch.load_state_dict(self.loss_scale, state["loss_scale"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.batches_consumed = state["data_position"]
+        if self.tracker.parquet:
+            self.tracker.parquet.resume(self.step)
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])

@@ -1,0 +1,1 @@
+"""FlashSigmoid: fused sigmoid attention with FlashAttention-2's API."""

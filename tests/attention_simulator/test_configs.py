@@ -1,0 +1,96 @@
+"""Every config composes and builds; every experiment smoke-runs; bad configs fail clearly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from attention_simulator.config import CONFIG_DIR, build
+from attention_simulator.errors import ConfigError, DatasetUnavailableError
+from attention_simulator.train import build_optimizer
+
+from .conftest import compose_config, train
+
+GROUPS = ["task", "data", "model", "attention", "optimizer", "schedule", "logger", "trainer"]
+EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
+
+
+def options(group):
+    return sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g) if g not in ("data", "model")])
+def test_every_option_composes_and_builds(group, option):
+    cfg = compose_config(f"{group}={option}")
+    model = build(cfg.model, "model", _partial_=True)(attention=build(cfg.attention, "attention"))
+    opt, lr = build_optimizer(cfg, model)
+    opt.init(dict(model.named_parameters()))
+    assert lr(0) >= 0 and callable(build(cfg.logger, "logger"))
+    build(cfg.task, "task")
+    build(cfg.trainer, "trainer")
+
+
+@pytest.mark.parametrize("model", ["vit_tiny", "vit_s16", "vit_b16"])
+def test_models_build_at_their_data_sizes(model):
+    data = "digits" if model == "vit_tiny" else "imagenet"
+    cfg = compose_config(f"model={model}", f"data={data}")
+    vit = build(cfg.model, "model", _partial_=True)(attention=build(cfg.attention, "attention"))
+    images = torch.zeros(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    with torch.no_grad():
+        assert vit(images).shape == (2, cfg.data.num_classes)
+    expected = {"vit_tiny": (0.1e6, 0.3e6), "vit_s16": (21e6, 23e6), "vit_b16": (85e6, 88e6)}[model]
+    assert expected[0] < sum(p.numel() for p in vit.parameters()) < expected[1]
+
+
+def test_digits_data_builds():
+    data = build(compose_config("data=digits").data, "data")
+    batch = next(iter(data.train_loader(seed=0)))
+    assert batch["images"].shape == (128, 1, 8, 8) and batch["labels"].shape == (128,)
+
+
+@pytest.mark.parametrize("data", ["cifar10", "imagenet"])
+def test_hub_datasets_offline_say_what_to_do(data, no_hub):
+    with pytest.raises(DatasetUnavailableError) as info:
+        build(compose_config(f"data={data}").data, "data")
+    message = str(info.value)
+    assert repr(data) in message and "data.path" in message and "load_dataset" in message
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_smoke_runs(experiment, tmp_path):
+    accuracy = train(tmp_path, f"+experiment={experiment}", "trainer.max_steps=3", "data.batch_size=32")
+    assert 0.0 <= accuracy <= 1.0
+    assert (tmp_path / "checkpoints" / "step_0000003.pt").exists()
+
+
+# ---- bad input: each names the culprit and the fix --------------------------------------------
+
+
+def test_misspelt_group_option_is_a_hydra_error():
+    with pytest.raises(ConfigCompositionException, match="sigmod"):
+        compose_config("attention=sigmod")
+
+
+def test_misspelt_command_line_key_is_a_hydra_error():
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_config("trainer.max_stepz=3")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+model.dpeth=4", r"model\.dpeth is not an option of .*VisionTransformer\. Did you mean 'depth'\?"),
+        ("+trainr.max_steps=4", r"Unknown config section 'trainr'\. Did you mean 'trainer'\?"),
+        ("model.num_heads=5", r"width 64 is not divisible by num_heads=5"),
+        ("attention.sigmoid_bias=auto", r"'softmax' cannot honour sigmoid_bias; backends that can: \['sigmoid'\]"),
+        ("attention.backend=softmaks", r"'softmaks' is not a backend"),
+        ("trainer.precision=fp8", r"trainer\.precision='fp8'"),
+        ("data.path=/no/such/dir", r"'/no/such/dir' does not exist"),
+        ("schedule.warmup_steps=5000", r"schedule: warmup_steps=5000 is longer than total_steps=1000"),
+    ],
+)
+def test_bad_config_raises_config_error(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, override, "trainer.max_steps=1000")
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,112 @@
+"""Resume is exact; checkpoints are verified; accumulation and precisions work."""
+
+import pandas as pd
+import pytest
+import torch
+
+from attention_simulator.checkpoint import list_checkpoints
+from attention_simulator.errors import CheckpointError, ConfigError
+
+from .conftest import train
+
+# dropout and stochastic depth make every step consume random numbers: resume must restore them
+RANDOM = ["+experiment=vit_sigmoid", "model.drop_path=0.2", "attention.attn_drop=0.1", "data.batch_size=32"]
+
+
+def final_weights(run_dir):
+    state = torch.load(list_checkpoints(run_dir / "checkpoints")[-1], weights_only=True)
+    return state["model"], state["optimizer"]
+
+
+def test_resume_continues_bitwise(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, *RANDOM, "trainer.max_steps=20", "trainer.eval_every=5")
+    train(split, *RANDOM, "trainer.max_steps=20", "trainer.run_steps=10", "trainer.eval_every=5")
+    train(split, *RANDOM, "trainer.max_steps=20", "trainer.eval_every=5", "trainer.resume=auto")
+
+    (model_a, opt_a), (model_b, opt_b) = final_weights(straight), final_weights(split)
+    for k in model_a:
+        assert torch.equal(model_a[k], model_b[k]), k
+    exp_avg_a, exp_avg_b = opt_a[1][0]["exp_avg"], opt_b[1][0]["exp_avg"]
+    assert all(torch.equal(exp_avg_a[k], exp_avg_b[k]) for k in exp_avg_a)
+    rows_a, rows_b = pd.read_parquet(straight / "metrics.parquet"), pd.read_parquet(split / "metrics.parquet")
+    pd.testing.assert_series_equal(rows_a["train/loss"], rows_b["train/loss"])
+    pd.testing.assert_series_equal(rows_a["eval/accuracy"], rows_b["eval/accuracy"])
+    assert list(rows_a["step"]) == list(rows_b["step"])  # the resumed run's rows are not duplicated
+
+
+def test_resume_from_a_run_directory_and_a_file(tmp_path):
+    first = tmp_path / "first"
+    train(first, *RANDOM, "trainer.max_steps=4")
+    ckpt = list_checkpoints(first / "checkpoints")[-1]
+    train(tmp_path / "a", *RANDOM, "trainer.max_steps=6", f"trainer.resume={first}")
+    train(tmp_path / "b", *RANDOM, "trainer.max_steps=6", f"trainer.resume={ckpt}")
+    (a, _), (b, _) = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(data)
+
+
+def test_corrupt_and_half_written_checkpoints_are_not_loaded(tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, *RANDOM, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    older, newest = list_checkpoints(run_dir / "checkpoints")
+    _corrupt(newest)
+    with pytest.raises(CheckpointError, match="corrupt: its SHA-256 differs"):
+        train(tmp_path / "x", *RANDOM, "trainer.max_steps=6", f"trainer.resume={newest}")
+    older.with_name(older.name + ".sha256").unlink()  # as if the process died mid-save
+    with pytest.raises(CheckpointError, match="not completely written"):
+        train(tmp_path / "y", *RANDOM, "trainer.max_steps=6", f"trainer.resume={older}")
+    with (
+        pytest.warns(UserWarning, match="skipping step_0000004.pt"),
+        pytest.raises(CheckpointError, match="no complete"),
+    ):
+        train(tmp_path / "z", *RANDOM, "trainer.max_steps=6", f"trainer.resume={run_dir}")
+
+
+def test_missing_resume_path(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(tmp_path, *RANDOM, "trainer.resume=/no/such/step_0000001.pt")
+
+
+def test_auto_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
+    train(tmp_path, *RANDOM, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    _corrupt(list_checkpoints(tmp_path / "checkpoints")[-1])
+    with pytest.warns(UserWarning, match="skipping step_0000004.pt"):
+        train(tmp_path, *RANDOM, "trainer.max_steps=6", "trainer.resume=auto")
+    assert (tmp_path / "checkpoints" / "step_0000006.pt").exists()
+
+
+def test_fresh_start_refuses_to_overwrite_a_run(tmp_path):
+    train(tmp_path, *RANDOM, "trainer.max_steps=2")
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    metrics = (tmp_path / "metrics.parquet").read_bytes()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(tmp_path, *RANDOM, "trainer.max_steps=2")
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
+    assert (tmp_path / "metrics.parquet").read_bytes() == metrics
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
+    # SGD is linear in the gradient; Adam would turn rounding noise in zero-gradient entries
+    # (the key bias, to which softmax is invariant) into full-size steps
+    common = ["+experiment=vit_softmax", "trainer.max_steps=5", "trainer.grad_clip=null", "optimizer=sgd"]
+    train(tmp_path / "big", *common, "data.batch_size=64")
+    train(tmp_path / "acc", *common, "data.batch_size=32", "trainer.grad_accum=2")
+    (a, _), (b, _) = final_weights(tmp_path / "big"), final_weights(tmp_path / "acc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_trains(precision, tmp_path):
+    train(tmp_path, "+experiment=vit_sigmoid", "trainer.max_steps=30", f"trainer.precision={precision}")
+    rows = pd.read_parquet(tmp_path / "metrics.parquet")
+    loss = rows["train/loss"].dropna()
+    assert loss.iloc[-1] < loss.iloc[0] and loss.notna().all()
+    if precision == "fp16":
+        assert rows["train/loss_scale"].dropna().iloc[-1] > 0
