@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+import flash_sigmoid
+from flash_sigmoid.reference import allowed_and_alibi, sigmoid_weights, weighted_values
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -54,14 +57,13 @@ def backends_supporting(option: str) -> list[str]:
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Scaled logits q·kᵀ·scale with masked positions at −inf: (B, H, Tq, Tk)."""
+    """Scaled logits q·kᵀ·scale with masked positions at −inf: (B, H, Tq, Tk). Masks are
+    bottom-right aligned, as flash-attn >= 2.1 and FlashSigmoid (one definition, theirs)."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * spec.scale
-    if spec.causal:
-        tq, tk = scores.shape[-2:]
-        # bottom-right aligned, as flash-attn >= 2.1: query i sees keys j <= i + (tk - tq)
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores
+    tq, tk = scores.shape[-2:]
+    rows, cols = torch.arange(tq, device=q.device), torch.arange(tk, device=q.device)
+    allowed, _ = allowed_and_alibi(rows, cols, tk - tq, spec.causal, (-1, -1), None, tk)
+    return scores.masked_fill(~allowed, float("-inf"))
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -69,25 +71,22 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _weighted_values(weights: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    weights = F.dropout(weights, spec.dropout_p) if spec.dropout_p else weights
-    return torch.einsum("bhqk,bkhd->bqhd", weights.to(v.dtype), v)  # (B, Tq, H, D)
+def _dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(weights, p) if p else weights
 
 
 @register_backend("softmax", "softmax", {"causal", "dropout"})
 def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     weights = torch.softmax(_at_least_fp32(attention_scores(q, k, spec)), dim=-1)  # (B, H, Tq, Tk)
-    return _weighted_values(weights, v, spec)
+    return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
 
 
 @register_backend("sigmoid", "sigmoid", {"causal", "dropout", "sigmoid_bias"})
 def sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
-    """sigmoid(q·kᵀ·scale + b)·v: every query spends its own mass, masked keys contribute 0."""
-    logits = _at_least_fp32(attention_scores(q, k, spec))
-    if spec.sigmoid_bias is not None:
-        logits = logits + spec.sigmoid_bias
-    weights = torch.sigmoid(logits)  # sigmoid(−inf) = 0: masking needs no extra step
-    return _weighted_values(weights, v, spec)
+    """sigmoid(q·kᵀ·scale + b)·v with the matrix materialised: FlashSigmoid's exact reference."""
+    bias = 0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias
+    weights = sigmoid_weights(q, k, scale=spec.scale, bias=bias, causal=spec.causal)  # (B, H, Tq, Tk)
+    return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
 
 
 # ---- fused softmax: flash-attn on CUDA half precision, else PyTorch SDPA --------------------------
@@ -114,6 +113,13 @@ def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
         scale=spec.scale,
     )
     return rearrange(out, "b h t d -> b t h d")
+
+
+@register_backend("flash_sigmoid", "sigmoid", {"causal", "sigmoid_bias"})
+def flash_sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
+    """This repo's fused kernel: Triton on CUDA, the chunked O(T·block)-memory path on CPU."""
+    bias = 0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias
+    return flash_sigmoid.flash_attn_func(q, k, v, softmax_scale=spec.scale, causal=spec.causal, sigmoid_bias=bias)
 
 
 def default_scale(head_dim: int) -> float:

@@ -72,21 +72,26 @@ def test_module_backends_share_weights_and_shapes(backend):
     assert attn(x).shape == (3, 10, 32)
 
 
-def test_module_softmax_and_flash_softmax_agree_with_same_weights():
+@pytest.mark.parametrize(
+    "naive, fused, bias", [("softmax", "flash_softmax", None), ("sigmoid", "flash_sigmoid", "auto")]
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_backends_match_naive_in_the_module(naive, fused, bias, causal):
     torch.manual_seed(0)
-    naive = Attention(32, 4, AttentionConfig(backend="softmax", qk_norm=True))
-    fused = Attention(32, 4, AttentionConfig(backend="flash_softmax", qk_norm=True))
-    fused.load_state_dict(naive.state_dict())
+    a = Attention(32, 4, AttentionConfig(backend=naive, sigmoid_bias=bias, qk_norm=True), causal=causal)
+    b = Attention(32, 4, AttentionConfig(backend=fused, sigmoid_bias=bias, qk_norm=True), causal=causal)
+    b.load_state_dict(a.state_dict())
     x = torch.randn(3, 10, 32, requires_grad=True)
-    a, b = naive(x), fused(x)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    (ga,) = torch.autograd.grad(a.sum(), x)
-    (gb,) = torch.autograd.grad(b.sum(), x)
-    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    out_a, out_b = a(x), b(x)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    grads_a = torch.autograd.grad(out_a.square().sum(), [x, *a.parameters()])
+    grads_b = torch.autograd.grad(out_b.square().sum(), [x, *b.parameters()])
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6)
 
 
 def test_options_a_backend_cannot_honour_are_refused():
-    with pytest.raises(ConfigError, match=r"'softmax' cannot honour sigmoid_bias.*\['sigmoid'\]"):
+    with pytest.raises(ConfigError, match=r"'softmax' cannot honour sigmoid_bias.*\['flash_sigmoid', 'sigmoid'\]"):
         AttentionConfig(backend="softmax", sigmoid_bias="auto")
     with pytest.raises(ConfigError, match="'-1'"):
         AttentionConfig(backend="sigmoid", sigmoid_bias="-1")

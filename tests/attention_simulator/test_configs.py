@@ -83,7 +83,10 @@ def test_misspelt_command_line_key_is_a_hydra_error():
         ("+model.dpeth=4", r"model\.dpeth is not an option of .*VisionTransformer\. Did you mean 'depth'\?"),
         ("+trainr.max_steps=4", r"Unknown config section 'trainr'\. Did you mean 'trainer'\?"),
         ("model.num_heads=5", r"width 64 is not divisible by num_heads=5"),
-        ("attention.sigmoid_bias=auto", r"'softmax' cannot honour sigmoid_bias; backends that can: \['sigmoid'\]"),
+        (
+            "attention.sigmoid_bias=auto",
+            r"'softmax' cannot honour sigmoid_bias; backends that can: \['flash_sigmoid', 'sigmoid'\]",
+        ),
         ("attention.backend=softmaks", r"'softmaks' is not a backend"),
         ("trainer.precision=fp8", r"trainer\.precision='fp8'"),
         ("data.path=/no/such/dir", r"'/no/such/dir' does not exist"),

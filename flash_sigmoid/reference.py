@@ -1,0 +1,158 @@
+"""Pure-PyTorch sigmoid attention: the exact reference and the memory-efficient CPU path.
+
+Both compute, for query i and key j of one sequence (tensors [batch, seq, heads, head_dim]),
+
+    p_ij = sigmoid(scale · q_i·k_j + bias_h − slope_h · |i + Tk − Tq − j|)   (ALiBi term optional)
+    out_i = Σ_j p_ij · v_j                                                    over allowed j
+
+where "allowed" is bottom-right aligned as in flash-attn ≥ 2.1: causal keeps j ≤ i + Tk − Tq,
+a window (left, right) keeps i + Tk − Tq − left ≤ j ≤ i + Tk − Tq + right (−1: unbounded).
+Masked pairs contribute 0 (no renormalisation: sigmoid attention has none).
+
+`reference_attention` materialises the [B, H, Tq, Tk] matrix in fp32 (fp64 stays fp64).
+`chunked_forward` / `chunked_backward` walk key blocks of `block` columns and only the query
+rows that can see each block, so memory is O(Tq · block) and causal costs about half of full;
+the backward recomputes p instead of storing it, and needs no row statistics (dS = p(1−p)dP).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+
+def allowed_and_alibi(rows, cols, diag: int, causal: bool, window: tuple[int, int], slopes, k_len: int):
+    """For query rows × key cols (1-D index tensors): the allowed mask (rows, cols) and the ALiBi
+    term −slope·|i + diag − j| shaped (..., H, rows, cols), or None without slopes."""
+    rel = cols[None, :] - rows[:, None] - diag  # j − (i + Tk − Tq)
+    allowed = (cols < k_len)[None, :].expand_as(rel)
+    if causal:
+        allowed = allowed & (rel <= 0)
+    left, right = window
+    if left >= 0:
+        allowed = allowed & (rel >= -left)
+    if right >= 0:
+        allowed = allowed & (rel <= right)
+    alibi = None if slopes is None else -slopes[..., None, None] * rel.abs().to(slopes.dtype)
+    return allowed, alibi
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, T, Hq, D) -> (B, T, Hk, G, D): query heads grouped by the KV head they share."""
+    return rearrange(q, "b t (hk g) d -> b t hk g d", hk=num_kv_heads)
+
+
+def _bias_terms(bias, alibi, batch_slopes, b_hk_g):
+    """bias (H,) and ALiBi (B?, H, M, N) as (B|1, Hk, G, M|1, N|1) addends."""
+    hk, g = b_hk_g
+    total = bias.view(1, hk, g, 1, 1)
+    if alibi is not None:
+        total = total + alibi.reshape(alibi.shape[0] if batch_slopes else 1, hk, g, *alibi.shape[-2:])
+    return total
+
+
+def sigmoid_weights(
+    q, k, *, scale: float, bias, causal=False, window=(-1, -1), alibi_slopes=None, upcast=True
+) -> torch.Tensor:
+    """The attention matrix p (B, Hq, Tq, Tk), 0 where masked, in fp32 (fp64 kept) or, with
+    `upcast=False`, in the inputs' own precision (the accuracy tests' low-precision baseline)."""
+    dtype = _compute_dtype(q) if upcast else q.dtype
+    tq, tk, hq, hk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    rows, cols = torch.arange(tq, device=q.device), torch.arange(tk, device=q.device)
+    slopes = None if alibi_slopes is None else alibi_slopes.to(dtype)
+    allowed, alibi = allowed_and_alibi(rows, cols, tk - tq, causal, window, slopes, tk)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.repeat_interleave(hq // hk, dim=2).to(dtype)) * scale
+    logits = logits + torch.as_tensor(bias, dtype=dtype, device=q.device).reshape(-1, 1, 1)
+    if alibi is not None:
+        logits = logits + (alibi if alibi.ndim == 4 else alibi[None])
+    return torch.sigmoid(logits).masked_fill(~allowed, 0.0)
+
+
+def weighted_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_j p_ij v_j: (B, Hq, Tq, Tk) × (B, Tk, Hk, D) -> (B, Tq, Hq, D) in the weights' dtype."""
+    v = v.repeat_interleave(weights.shape[1] // v.shape[2], dim=2)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.to(weights.dtype))
+
+
+def reference_attention(q, k, v, *, return_weights=False, **kw):
+    """Exact sigmoid attention on padded [B, T, H, D] tensors: (out, mass [B, H, Tq][, weights]).
+    Keyword arguments as `sigmoid_weights` (`bias`: a float or a tensor [] / [H])."""
+    weights = sigmoid_weights(q, k, **kw)
+    out, mass = weighted_values(weights, v).to(q.dtype), weights.sum(-1)
+    return (out, mass, weights) if return_weights else (out, mass)
+
+
+def _row_range(j0: int, j1: int, tq: int, diag: int, causal: bool, window: tuple[int, int]) -> tuple[int, int]:
+    """Query rows that can see some key in [j0, j1): with rel = j − i − diag, rows need
+    rel ≤ min(0 if causal, right) for some j ≥ j0 and rel ≥ −left for some j < j1."""
+    left, right = window
+    upper = [bound for bound, on in ((0, causal), (right, right >= 0)) if on]
+    lo = max(0, j0 - diag - min(upper)) if upper else 0
+    hi = min(tq, j1 - diag + left) if left >= 0 else tq
+    return lo, hi
+
+
+def _blocks(q, k, bias, alibi_slopes, causal, window, block):
+    """Yield (rows slice, cols slice, allowed (M, N), addend) for each key block with work."""
+    tq, tk, hk = q.shape[1], k.shape[1], k.shape[2]
+    g = q.shape[2] // hk
+    dtype = _compute_dtype(q)
+    slopes = None if alibi_slopes is None else alibi_slopes.to(dtype)
+    bias = bias.to(dtype)
+    for j0 in range(0, tk, block):
+        j1 = min(tk, j0 + block)
+        i0, i1 = _row_range(j0, j1, tq, tk - tq, causal, window)
+        if i0 >= i1:
+            continue
+        rows = torch.arange(i0, i1, device=q.device)
+        cols = torch.arange(j0, j1, device=q.device)
+        allowed, alibi = allowed_and_alibi(rows, cols, tk - tq, causal, window, slopes, tk)
+        addend = _bias_terms(bias, alibi, slopes is not None and slopes.ndim == 2, (hk, g))
+        yield slice(i0, i1), slice(j0, j1), allowed, addend
+
+
+def _probs(qg, kb, scale, allowed, addend):
+    """p (B, Hk, G, M, N) for grouped queries qg (B, M, Hk, G, D) and keys kb (B, N, Hk, D).
+    In place on one block-sized buffer: this path exists to save memory."""
+    logits = torch.einsum("bmhgd,bnhd->bhgmn", qg, kb)
+    return logits.mul_(scale).add_(addend).sigmoid_().masked_fill_(~allowed, 0.0)
+
+
+def chunked_forward(q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, block=256):
+    """Memory-efficient forward on padded [B, T, H, D]; returns (out, mass [B, H, Tq] fp32)."""
+    dtype = _compute_dtype(q)
+    hk = k.shape[2]
+    qg = _group(q.to(dtype), hk)  # (B, Tq, Hk, G, D)
+    kc, vc = k.to(dtype), v.to(dtype)
+    out = torch.zeros_like(qg)
+    mass = q.new_zeros(q.shape[0], hk, q.shape[2] // hk, q.shape[1], dtype=dtype)
+    for rs, cs, allowed, addend in _blocks(q, k, bias, alibi_slopes, causal, window, block):
+        p = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend)  # (B, Hk, G, M, N)
+        out[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", p, vc[:, cs])
+        mass[..., rs] += p.sum(-1)
+    out = rearrange(out, "b t hk g d -> b t (hk g) d").to(q.dtype)
+    return out, rearrange(mass, "b hk g t -> b (hk g) t").float()
+
+
+def chunked_backward(dout, q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, block=256):
+    """Gradients (dq, dk, dv, dbias [H] fp32) by recomputing p block by block."""
+    dtype = _compute_dtype(q)
+    hk = k.shape[2]
+    qg, dog = _group(q.to(dtype), hk), _group(dout.to(dtype), hk)
+    kc, vc = k.to(dtype), v.to(dtype)
+    dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(kc), torch.zeros_like(vc)
+    dbias = q.new_zeros(hk, q.shape[2] // hk, dtype=dtype)
+    for rs, cs, allowed, addend in _blocks(q, k, bias, alibi_slopes, causal, window, block):
+        p = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend)  # (B, Hk, G, M, N)
+        dv[:, cs] += torch.einsum("bhgmn,bmhgd->bnhd", p, dog[:, rs])
+        ds = torch.einsum("bmhgd,bnhd->bhgmn", dog[:, rs], vc[:, cs])  # dP
+        ds.mul_(p.addcmul_(p, p, value=-1))  # dS = p(1 − p)·dP (sigmoid'); masked entries have p = 0
+        dk[:, cs] += torch.einsum("bhgmn,bmhgd->bnhd", ds, qg[:, rs]) * scale
+        dq[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", ds, kc[:, cs]) * scale
+        dbias += ds.sum(dim=(0, 3, 4))
+    dq = rearrange(dq, "b t hk g d -> b t (hk g) d")
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias.flatten().to(bias.dtype)
