@@ -32,29 +32,32 @@ def _kernels():
 # ---- CPU path over packed sequences --------------------------------------------------------------
 
 
-def _per_sequence(fn, q_like, k_like, cu_q, cu_k):
-    """`fn` on each sequence of packed varlen tensors, as a batch of one."""
+def _per_sequence(fn, q_like, k_like, bias, alibi, cu_q, cu_k, **kw):
+    """`fn` on each sequence of packed varlen tensors as a batch of one, with its bias row (and
+    its ALiBi slopes when they are per sequence)."""
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     for b in range(len(bounds_q) - 1):
         sq, sk = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
-        yield fn(*(t[sq][None] for t in q_like), *(t[sk][None] for t in k_like))
+        slopes = alibi[b : b + 1] if alibi is not None and alibi.ndim == 2 else alibi
+        tensors = [t[sq][None] for t in q_like] + [t[sk][None] for t in k_like]
+        yield fn(*tensors, bias=bias[b : b + 1], alibi_slopes=slopes, **kw)
 
 
 def _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
-    kw = dict(scale=scale, bias=bias, causal=causal, window=window, alibi_slopes=alibi)
+    kw = dict(scale=scale, causal=causal, window=window)
     if cu_q is None:
-        return reference.chunked_forward(q, k, v, **kw)
-    parts = list(_per_sequence(lambda *t: reference.chunked_forward(*t, **kw), (q,), (k, v), cu_q, cu_k))
+        return reference.chunked_forward(q, k, v, bias=bias, alibi_slopes=alibi, **kw)
+    parts = list(_per_sequence(reference.chunked_forward, (q,), (k, v), bias, alibi, cu_q, cu_k, **kw))
     return torch.cat([o[0] for o, _ in parts]), torch.cat([m[0] for _, m in parts], dim=-1)
 
 
 def _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
-    kw = dict(scale=scale, bias=bias, causal=causal, window=window, alibi_slopes=alibi)
+    kw = dict(scale=scale, causal=causal, window=window)
     if cu_q is None:
-        return reference.chunked_backward(do, q, k, v, **kw)
-    parts = list(_per_sequence(lambda *t: reference.chunked_backward(*t, **kw), (do, q), (k, v), cu_q, cu_k))
+        return reference.chunked_backward(do, q, k, v, bias=bias, alibi_slopes=alibi, **kw)
+    parts = list(_per_sequence(reference.chunked_backward, (do, q), (k, v), bias, alibi, cu_q, cu_k, **kw))
     dq, dk, dv = (torch.cat([p[i][0] for p in parts]) for i in range(3))
-    return dq, dk, dv, torch.stack([p[3] for p in parts]).sum(0)
+    return dq, dk, dv, torch.cat([p[3] for p in parts])
 
 
 # ---- custom ops ------------------------------------------------------------------------------
@@ -98,11 +101,11 @@ def _bwd(
 
 @_bwd.register_fake
 def _(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, need_dbias):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), bias.new_empty(q.shape[-2])
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias)
 
 
 class FlashSigmoidFunction(torch.autograd.Function):
-    """out, mass = f(q, k, v, bias[H], ...); gradients for q, k, v and the bias (mass has none)."""
+    """out, mass = f(q, k, v, bias [B, H], ...); gradients for q, k, v and the bias (mass has none)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, return_mass):
@@ -181,24 +184,20 @@ def _check_options(q, dropout_p, window_size, alibi_slopes, return_attn_probs, b
                   f"or ({batch}, {heads}) on {q.device}.")  # fmt: skip
 
 
-def _bias_per_head(sigmoid_bias, q) -> torch.Tensor:
-    """The bias as [heads], fp32 (fp64 for fp64 inputs); differentiable if the caller's tensor is."""
+def _bias_table(sigmoid_bias, q, batch: int) -> torch.Tensor:
+    """The bias as a contiguous [batch, heads] table, fp32 (fp64 for fp64 inputs); expanded from
+    a float, [] or [heads] (autograd sums the gradient back to the caller's shape)."""
     heads, dtype = q.shape[-2], torch.promote_types(q.dtype, torch.float32)
     if isinstance(sigmoid_bias, torch.Tensor):
-        if (
-            sigmoid_bias.numel() not in (1, heads)
-            or sigmoid_bias.ndim > 1
-            or (sigmoid_bias.ndim == 1 and sigmoid_bias.numel() != heads)
-        ):
-            _fail(
-                f"sigmoid_bias must be a float or a tensor of shape [] or [{heads}], got {tuple(sigmoid_bias.shape)}."
-            )
-        if sigmoid_bias.ndim == 1 and sigmoid_bias.device != q.device:
+        if tuple(sigmoid_bias.shape) not in ((), (heads,), (batch, heads)):
+            _fail(f"sigmoid_bias must be a float or a tensor of shape [], [{heads}] or [{batch}, {heads}], "
+                  f"got {tuple(sigmoid_bias.shape)}.")  # fmt: skip
+        if sigmoid_bias.ndim and sigmoid_bias.device != q.device:
             _fail(f"sigmoid_bias is on {sigmoid_bias.device}, q on {q.device}.")
-        return sigmoid_bias.to(device=q.device, dtype=dtype).expand(heads).contiguous()
+        return sigmoid_bias.to(device=q.device, dtype=dtype).expand(batch, heads).contiguous()
     if not isinstance(sigmoid_bias, (int, float)) or not math.isfinite(sigmoid_bias):
         _fail(f"sigmoid_bias must be a finite float or a tensor, got {sigmoid_bias!r}.")
-    return torch.full((heads,), float(sigmoid_bias), device=q.device, dtype=dtype)
+    return torch.full((batch, heads), float(sigmoid_bias), device=q.device, dtype=dtype)
 
 
 def _check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
@@ -229,7 +228,7 @@ def _run(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal,
         _check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], k.shape[0], q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     window = (window_size[0], 0) if causal else tuple(window_size)  # causal caps the right side, as flash-attn
-    bias = _bias_per_head(sigmoid_bias, q)
+    bias = _bias_table(sigmoid_bias, q, batch)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, mass = FlashSigmoidFunction.apply(q, k, v, bias, alibi_slopes, cu_q, cu_k, max_q, max_k, scale, causal,
                                            window, return_attn_mass)  # fmt: skip

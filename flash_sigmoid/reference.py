@@ -21,11 +21,12 @@ import torch
 from einops import rearrange
 
 
-def allowed_and_alibi(rows, cols, diag: int, causal: bool, window: tuple[int, int], slopes, k_len: int):
-    """For query rows × key cols (1-D index tensors): the allowed mask (rows, cols) and the ALiBi
-    term −slope·|i + diag − j| shaped (..., H, rows, cols), or None without slopes."""
+def allowed_and_alibi(rows, cols, diag, causal: bool, window: tuple[int, int], slopes, k_len):
+    """For query rows × key cols (1-D index tensors): the allowed mask and the ALiBi term
+    −slope·|i + diag − j| as (B|1, H, rows, cols), or None without slopes. `diag` (= Tk − Tq)
+    and `k_len` are ints, or (B, 1, 1) tensors for padded batches; the mask is then (B, rows, cols)."""
     rel = cols[None, :] - rows[:, None] - diag  # j − (i + Tk − Tq)
-    allowed = (cols < k_len)[None, :].expand_as(rel)
+    allowed = cols < k_len
     if causal:
         allowed = allowed & (rel <= 0)
     left, right = window
@@ -33,8 +34,40 @@ def allowed_and_alibi(rows, cols, diag: int, causal: bool, window: tuple[int, in
         allowed = allowed & (rel >= -left)
     if right >= 0:
         allowed = allowed & (rel <= right)
-    alibi = None if slopes is None else -slopes[..., None, None] * rel.abs().to(slopes.dtype)
-    return allowed, alibi
+    allowed = allowed.expand(rel.shape)
+    if slopes is None:
+        return allowed, None
+    rel4 = (rel if rel.ndim == 3 else rel[None])[:, None]  # (B|1, 1, rows, cols)
+    return allowed, -slopes.reshape(-1 if slopes.ndim == 2 else 1, slopes.shape[-1], 1, 1) * rel4.abs().to(slopes.dtype)
+
+
+def attention_mask(tq, tk, causal=False, window=(-1, -1), alibi_slopes=None, q_lengths=None, k_lengths=None, *,
+                   device=None, dtype=torch.float32):  # fmt: skip
+    """The allowed mask, shaped to broadcast against (B, H, Tq, Tk) scores, and the ALiBi term
+    (B|1, H, Tq, Tk) or None. `q_lengths` / `k_lengths` (B,): right-padded batches, each
+    sequence aligned on its own lengths."""
+    rows, cols = torch.arange(tq, device=device), torch.arange(tk, device=device)
+    k_len = tk if k_lengths is None else k_lengths.view(-1, 1, 1)
+    diag = k_len - (tq if q_lengths is None else q_lengths.view(-1, 1, 1))
+    slopes = None if alibi_slopes is None else alibi_slopes.to(dtype)
+    allowed, alibi = allowed_and_alibi(rows, cols, diag, causal, window, slopes, k_len)
+    return (allowed if allowed.ndim == 2 else allowed[:, None]), alibi
+
+
+def keys_per_row(tq: int, tk: int, causal: bool, window=(-1, -1), q_lengths=None, k_lengths=None, device=None):
+    """How many keys each query row attends (B|1, Tq), in closed form (no mask materialised)."""
+    rows = torch.arange(tq, device=device)
+    k_len = torch.as_tensor(tk if k_lengths is None else k_lengths, device=device).reshape(-1, 1)
+    q_len = torch.as_tensor(tq if q_lengths is None else q_lengths, device=device).reshape(-1, 1)
+    center = rows + k_len - q_len  # the key aligned with row i (bottom-right)
+    left, right = window
+    hi = k_len - 1
+    if causal:
+        hi = torch.minimum(hi, center)
+    if right >= 0:
+        hi = torch.minimum(hi, center + right)
+    lo = (center - left).clamp(min=0) if left >= 0 else torch.zeros_like(center)
+    return (hi - lo + 1).clamp(min=0).float()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -46,29 +79,38 @@ def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return rearrange(q, "b t (hk g) d -> b t hk g d", hk=num_kv_heads)
 
 
-def _bias_terms(bias, alibi, batch_slopes, b_hk_g):
-    """bias (H,) and ALiBi (B?, H, M, N) as (B|1, Hk, G, M|1, N|1) addends."""
-    hk, g = b_hk_g
-    total = bias.view(1, hk, g, 1, 1)
+def _bias_terms(bias, alibi, hk_g):
+    """bias (B, H) and ALiBi (B|1, H, M, N) as (B, Hk, G, M|1, N|1) addends."""
+    hk, g = hk_g
+    total = bias.view(bias.shape[0], hk, g, 1, 1)
     if alibi is not None:
-        total = total + alibi.reshape(alibi.shape[0] if batch_slopes else 1, hk, g, *alibi.shape[-2:])
+        total = total + alibi.reshape(alibi.shape[0], hk, g, *alibi.shape[-2:])
     return total
 
 
+def _logit_bias(bias, dtype, device) -> torch.Tensor:
+    """A float or a tensor [], [H], [B, H] or per row [B, H, Tq], shaped to add to (B, H, Tq, Tk)."""
+    bias = torch.as_tensor(bias, dtype=dtype, device=device)
+    if bias.ndim == 1:
+        return bias.reshape(1, -1, 1, 1)
+    return bias.reshape(*bias.shape, *(1,) * (4 - bias.ndim)) if bias.ndim else bias
+
+
 def sigmoid_weights(
-    q, k, *, scale: float, bias, causal=False, window=(-1, -1), alibi_slopes=None, upcast=True
-) -> torch.Tensor:
+    q, k, *, scale: float, bias, causal=False, window=(-1, -1), alibi_slopes=None, q_lengths=None, k_lengths=None,
+    upcast=True,
+) -> torch.Tensor:  # fmt: skip
     """The attention matrix p (B, Hq, Tq, Tk), 0 where masked, in fp32 (fp64 kept) or, with
-    `upcast=False`, in the inputs' own precision (the accuracy tests' low-precision baseline)."""
+    `upcast=False`, in the inputs' own precision (the accuracy tests' low-precision baseline).
+    `q_lengths` / `k_lengths` (B,): right-padded batches, each sequence aligned on its own."""
     dtype = _compute_dtype(q) if upcast else q.dtype
-    tq, tk, hq, hk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    rows, cols = torch.arange(tq, device=q.device), torch.arange(tk, device=q.device)
-    slopes = None if alibi_slopes is None else alibi_slopes.to(dtype)
-    allowed, alibi = allowed_and_alibi(rows, cols, tk - tq, causal, window, slopes, tk)
+    hq, hk = q.shape[2], k.shape[2]
+    allowed, alibi = attention_mask(q.shape[1], k.shape[1], causal, window, alibi_slopes, q_lengths, k_lengths,
+                                    device=q.device, dtype=dtype)  # fmt: skip
     logits = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.repeat_interleave(hq // hk, dim=2).to(dtype)) * scale
-    logits = logits + torch.as_tensor(bias, dtype=dtype, device=q.device).reshape(-1, 1, 1)
+    logits = logits + _logit_bias(bias, dtype, q.device)
     if alibi is not None:
-        logits = logits + (alibi if alibi.ndim == 4 else alibi[None])
+        logits = logits + alibi
     return torch.sigmoid(logits).masked_fill(~allowed, 0.0)
 
 
@@ -79,8 +121,8 @@ def weighted_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def reference_attention(q, k, v, *, return_weights=False, **kw):
-    """Exact sigmoid attention on padded [B, T, H, D] tensors: (out, mass [B, H, Tq][, weights]).
-    Keyword arguments as `sigmoid_weights` (`bias`: a float or a tensor [] / [H])."""
+    """Exact sigmoid attention on [B, T, H, D] tensors: (out, mass [B, H, Tq][, weights]).
+    Keyword arguments as `sigmoid_weights`."""
     weights = sigmoid_weights(q, k, **kw)
     out, mass = weighted_values(weights, v).to(q.dtype), weights.sum(-1)
     return (out, mass, weights) if return_weights else (out, mass)
@@ -111,7 +153,7 @@ def _blocks(q, k, bias, alibi_slopes, causal, window, block):
         rows = torch.arange(i0, i1, device=q.device)
         cols = torch.arange(j0, j1, device=q.device)
         allowed, alibi = allowed_and_alibi(rows, cols, tk - tq, causal, window, slopes, tk)
-        addend = _bias_terms(bias, alibi, slopes is not None and slopes.ndim == 2, (hk, g))
+        addend = _bias_terms(bias, alibi, (hk, g))
         yield slice(i0, i1), slice(j0, j1), allowed, addend
 
 
@@ -139,13 +181,13 @@ def chunked_forward(q, k, v, *, scale, bias, causal=False, window=(-1, -1), alib
 
 
 def chunked_backward(dout, q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, block=256):
-    """Gradients (dq, dk, dv, dbias [H] fp32) by recomputing p block by block."""
+    """Gradients (dq, dk, dv, dbias [B, H]) by recomputing p block by block."""
     dtype = _compute_dtype(q)
     hk = k.shape[2]
     qg, dog = _group(q.to(dtype), hk), _group(dout.to(dtype), hk)
     kc, vc = k.to(dtype), v.to(dtype)
     dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(kc), torch.zeros_like(vc)
-    dbias = q.new_zeros(hk, q.shape[2] // hk, dtype=dtype)
+    dbias = q.new_zeros(q.shape[0], hk, q.shape[2] // hk, dtype=dtype)
     for rs, cs, allowed, addend in _blocks(q, k, bias, alibi_slopes, causal, window, block):
         p = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend)  # (B, Hk, G, M, N)
         dv[:, cs] += torch.einsum("bhgmn,bmhgd->bnhd", p, dog[:, rs])
@@ -153,6 +195,6 @@ def chunked_backward(dout, q, k, v, *, scale, bias, causal=False, window=(-1, -1
         ds.mul_(p.addcmul_(p, p, value=-1))  # dS = p(1 − p)·dP (sigmoid'); masked entries have p = 0
         dk[:, cs] += torch.einsum("bhgmn,bmhgd->bnhd", ds, qg[:, rs]) * scale
         dq[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", ds, kc[:, cs]) * scale
-        dbias += ds.sum(dim=(0, 3, 4))
+        dbias += ds.sum(dim=(3, 4))
     dq = rearrange(dq, "b t hk g d -> b t (hk g) d")
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias.flatten().to(bias.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias.flatten(1).to(bias.dtype)

@@ -4,7 +4,8 @@ Sigmoid attention needs no running max, no row sum and no log-sum-exp: each key 
 contribution σ(s)·v is final when computed. The forward is one pass over the visible key
 blocks; the backward recomputes p and uses dS = p(1 − p)·dP — no preprocessing kernel.
 Backward runs as two deterministic kernels (no atomics): one per key block for dK, dV (summing
-the query heads of a GQA group), one per query block for dQ and the per-head bias gradient.
+the query heads of a GQA group), one per query block for dQ and the bias gradient. The bias is
+a contiguous fp32 [batch, heads] table (per head, or per sequence and head).
 
 Layouts: padded [B, T, H, D] or packed varlen [total, H, D] with cu_seqlens; the kernels see
 both through (batch stride, token stride, head stride) and per-sequence start offsets.
@@ -160,7 +161,7 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
-    bias = tl.load(Bias + h)
+    bias = tl.load(Bias + pid_bh)
     slope = tl.load(Alibi + b * sab + h) if HAS_ALIBI else 0.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -204,7 +205,7 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
     do = _load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
-    bias = tl.load(Bias + h)
+    bias = tl.load(Bias + pid_bh)
     slope = tl.load(Alibi + b * sab + h) if HAS_ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -254,7 +255,7 @@ def _bwd_dkdv_kernel(
     lo, hi = _query_range(start_n, diag, q_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for g in range(GROUP):  # the query heads sharing this KV head
         h = hk * GROUP + g
-        bias = tl.load(Bias + h)
+        bias = tl.load(Bias + b * HK * GROUP + h)
         slope = tl.load(Alibi + b * sab + h) if HAS_ALIBI else 0.0
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -323,7 +324,7 @@ def forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, windo
 
 
 def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, need_dbias):
-    """dq, dk, dv (like q, k, v) and dbias fp32 [H] (zeros unless need_dbias)."""
+    """dq, dk, dv (like q, k, v) and dbias [B, H] fp32 (zeros unless need_dbias)."""
     batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window)
     varlen, kv_heads = cu_q is not None, k.shape[-2]
     do = do.contiguous() if do.stride(-1) != 1 else do
@@ -344,4 +345,4 @@ def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, 
         *_strides(dk, varlen), *_strides(dv, varlen), sab, len_q, len_k, scale, *window,
         HK=kv_heads, GROUP=heads // kv_heads, **flags,
     )  # fmt: skip
-    return dq, dk, dv, partial.view(batch, heads, -1).sum(dim=(0, 2))
+    return dq, dk, dv, partial.view(batch, heads, -1).sum(dim=2)

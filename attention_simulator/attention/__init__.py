@@ -1,6 +1,17 @@
-"""Attention: one module, pluggable backends (see `backends.BACKENDS`)."""
+"""Attention: one module, pluggable backends (see `backends.BACKENDS`), positions and masks."""
 
 from .attention import Attention, AttentionConfig
 from .backends import BACKENDS, AttentionSpec, register_backend
+from .positions import RotaryEmbedding, alibi_slopes, sincos_1d, sincos_2d
 
-__all__ = ["Attention", "AttentionConfig", "AttentionSpec", "BACKENDS", "register_backend"]
+__all__ = [
+    "Attention",
+    "AttentionConfig",
+    "AttentionSpec",
+    "BACKENDS",
+    "register_backend",
+    "RotaryEmbedding",
+    "alibi_slopes",
+    "sincos_1d",
+    "sincos_2d",
+]

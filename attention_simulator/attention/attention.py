@@ -1,4 +1,4 @@
-"""The one attention module: projections, optional QK-norm, and a pluggable backend."""
+"""The one attention module: projections, QK-norm, positions, sigmoid options, a backend."""
 
 from __future__ import annotations
 
@@ -9,8 +9,20 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from flash_sigmoid.reference import keys_per_row
+
 from ..errors import ConfigError
-from .backends import BACKENDS, AttentionSpec, backends_supporting, default_scale
+from .backends import BACKENDS, AttentionSpec, backends_supporting
+from .norms import make_norm
+from .positions import RotaryEmbedding, alibi_slopes
+
+CHOICES = {
+    "position": ("none", "rope", "alibi"),
+    "bias_n": ("max_length", "per_row"),
+    "learnable_bias": (None, "scalar", "per_head"),
+    "length_norm": (None, "n", "sqrt_n"),
+    "temperature": (None, "scalar", "per_head"),
+}
 
 
 @dataclass(frozen=True)
@@ -18,16 +30,32 @@ class AttentionConfig:
     """Options of every attention layer in a model (the `attention/` config group).
 
     backend: softmax | sigmoid | flash_softmax | flash_sigmoid.
-    sigmoid_bias: "auto" (−log n, n = number of keys), a float, or null (no bias); sigmoid
-        backends only.
-    qk_norm: LayerNorm on queries and keys per head (stabilises attention logits).
-    qkv_bias: bias in the query/key/value projection.
-    attn_drop, proj_drop: dropout on attention weights and on the output projection.
+    num_kv_heads: key/value heads (a divisor of the model's heads: GQA; 1: MQA); null = all.
+    position: none | rope | alibi (absolute embeddings are the model's `pos_embed`).
+    rope_base, rope_fraction: RoPE's base and the fraction of each head's dims it rotates.
+    window: sliding window: attend keys at most this far away (only behind, if causal).
+    sigmoid_bias: auto (−log n), a number, or null; sigmoid backends only.
+    bias_n: what n is for auto: max_length (the keys in the sequence, per sequence when padded;
+        the paper's choice) or per_row (the keys each query actually attends: i + 1 when causal).
+    learnable_bias: null | scalar | per_head: a learned offset added to sigmoid_bias (init 0).
+    length_norm: null | n | sqrt_n: sigmoid attention output × 1/n or × 1/√n, n the keys the row attends.
+    temperature: null | scalar | per_head: a learned log-scale on the logits (init 0: scale × 1).
+    qk_norm: null | layernorm | rmsnorm (true = layernorm): normalise queries and keys per head.
+    qkv_bias: bias in the q/k/v projections. attn_drop, proj_drop: dropout on weights / output.
     """
 
     backend: str = "softmax"
+    num_kv_heads: int | None = None
+    position: str = "none"
+    rope_base: float = 10000.0
+    rope_fraction: float = 1.0
+    window: int | None = None
     sigmoid_bias: float | str | None = None
-    qk_norm: bool = False
+    bias_n: str = "max_length"
+    learnable_bias: str | None = None
+    length_norm: str | None = None
+    temperature: str | None = None
+    qk_norm: str | bool | None = None
     qkv_bias: bool = True
     attn_drop: float = 0.0
     proj_drop: float = 0.0
@@ -35,9 +63,23 @@ class AttentionConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError(f"attention.backend={self.backend!r} is not a backend; choose one of {sorted(BACKENDS)}.")
+        for field, allowed in CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"attention.{field}={getattr(self, field)!r}: choose one of {list(allowed)}.")
         if isinstance(self.sigmoid_bias, str) and self.sigmoid_bias != "auto":
             raise ConfigError(f"attention.sigmoid_bias={self.sigmoid_bias!r}: use 'auto' (−log n), a number, or null.")
-        requested = {"sigmoid_bias": self.sigmoid_bias is not None, "dropout": self.attn_drop > 0}
+        if self.bias_n == "per_row" and self.sigmoid_bias != "auto":
+            raise ConfigError("attention.bias_n=per_row only applies to attention.sigmoid_bias=auto.")
+        if self.window is not None and self.window < 0:
+            raise ConfigError(f"attention.window={self.window} must be >= 0 (or null for no window).")
+        requested = {
+            "sigmoid_bias": self.sigmoid_bias is not None or self.learnable_bias is not None,
+            "per_row_bias": self.bias_n == "per_row",
+            "length_norm": self.length_norm is not None,
+            "window": self.window is not None,
+            "alibi": self.position == "alibi",
+            "dropout": self.attn_drop > 0,
+        }
         for option, on in requested.items():
             self.require(option, on)
 
@@ -50,37 +92,129 @@ class AttentionConfig:
             )
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention: x (B, T, C) -> (B, T, C)."""
+def _compact(b: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B|1, H|1, Tq|1) -> the smallest of [], [H], [B, H], [B, H, Tq] (what backends take)."""
+    if b.shape[2] > 1:
+        return b.expand(-1, heads, -1)
+    b = b[..., 0]  # (B|1, H|1)
+    if b.shape[0] > 1:
+        return b.expand(-1, heads)
+    return b[0, 0] if b.shape[1] == 1 else b[0]
 
-    def __init__(self, dim: int, num_heads: int, config: AttentionConfig = AttentionConfig(), causal: bool = False):
+
+def _learned(kind: str | None, heads: int) -> nn.Parameter | None:
+    return None if kind is None else nn.Parameter(torch.zeros(() if kind == "scalar" else (heads,)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention: x (B, Tq, C) [, context (B, Tk, C_kv)] -> (B, Tq, C).
+
+    Self-attention by default; cross-attention (queries from x, keys and values from
+    `context`) when built with `kv_dim`. `lengths` / `context_lengths` (B,) mark right-padded
+    batches: keys beyond a sequence's length are never attended."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        config: AttentionConfig = AttentionConfig(),
+        causal: bool = False,
+        kv_dim: int | None = None,
+    ):
         super().__init__()
+        kv_heads = config.num_kv_heads or num_heads
         if dim % num_heads:
             raise ConfigError(
                 f"model width {dim} is not divisible by num_heads={num_heads}; pick a head count that divides it."
             )
+        if num_heads % kv_heads:
+            raise ConfigError(f"attention.num_kv_heads={kv_heads} must divide num_heads={num_heads}.")
+        if kv_dim is not None and config.position == "rope":
+            raise ConfigError("attention.position=rope is for self-attention; cross-attention has no shared positions.")
         config.require("causal", causal)
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.config, self.causal = config, causal
+        self.config, self.causal, self.cross = config, causal, kv_dim is not None
+        self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, dim // num_heads
         self.backend = BACKENDS[config.backend].fn
-        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        q_size, kv_size = num_heads * self.head_dim, kv_heads * self.head_dim
+        if self.cross:
+            self.q = nn.Linear(dim, q_size, bias=config.qkv_bias)
+            self.kv = nn.Linear(kv_dim, 2 * kv_size, bias=config.qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, q_size + 2 * kv_size, bias=config.qkv_bias)
+        qk_norm = "layernorm" if config.qk_norm is True else (config.qk_norm or None)
+        self.q_norm = make_norm(qk_norm, self.head_dim, "attention.qk_norm")
+        self.k_norm = make_norm(qk_norm, self.head_dim, "attention.qk_norm")
+        rope = config.position == "rope"
+        self.rope = RotaryEmbedding(self.head_dim, config.rope_base, config.rope_fraction) if rope else None
+        slopes = alibi_slopes(num_heads) if config.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.bias_offset = _learned(config.learnable_bias, num_heads)
+        self.log_temperature = _learned(config.temperature, num_heads)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(config.proj_drop) if config.proj_drop else nn.Identity()
 
-    def sigmoid_bias(self, num_keys: int) -> float | None:
-        b = self.config.sigmoid_bias
-        return -math.log(num_keys) if b == "auto" else b
+    # ---- the sigmoid options -------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b t h d", three=3, h=self.num_heads)  # (B, T, H, D)
+    def keys_per_row(self, tq: int, tk: int, q_lengths, k_lengths, device) -> torch.Tensor:
+        """(B|1, Tq): how many keys each query row attends under this layer's masks."""
+        return keys_per_row(tq, tk, self.causal, self.window(), q_lengths, k_lengths, device)
+
+    def sigmoid_bias(self, tq: int, tk: int, q_lengths=None, k_lengths=None, device=None):
+        """The bias b: None, a float, or a tensor [], [H], [B, H] or (per row) [B, H, Tq]."""
+        base, per_row = self.config.sigmoid_bias, self.config.bias_n == "per_row"  # per_row implies auto
+        if self.bias_offset is None and not per_row and (base != "auto" or k_lengths is None):
+            return None if base is None else (-math.log(tk) if base == "auto" else float(base))
+        if per_row:
+            n = self.keys_per_row(tq, tk, q_lengths, k_lengths, device)[:, None, :]  # (B|1, 1, Tq)
+        elif base == "auto":
+            n = torch.as_tensor(tk if k_lengths is None else k_lengths, device=device).reshape(-1, 1, 1)  # (B|1, 1, 1)
+        b = -n.float().clamp(min=1).log() if base == "auto" else torch.tensor(float(base or 0.0), device=device)
+        b = b.reshape(-1, 1, b.shape[-1] if b.ndim == 3 else 1)  # (B|1, 1, Tq|1)
+        if self.bias_offset is not None:
+            b = b + self.bias_offset.reshape(1, -1, 1)  # (B|1, H|1, Tq|1)
+        return _compact(b, self.num_heads)
+
+    def window(self) -> tuple[int, int]:
+        w = self.config.window
+        return (-1, -1) if w is None else (w, 0 if self.causal else w)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def project(self, x, context):
+        """q (B, Tq, H, D), k and v (B, Tk, Hk, D)."""
+        if self.cross:
+            q = rearrange(self.q(x), "b t (h d) -> b t h d", d=self.head_dim)
+            k, v = rearrange(self.kv(context), "b t (two h d) -> two b t h d", two=2, d=self.head_dim)
+            return q, k, v
+        qkv = self.qkv(x)
+        q_size = self.num_heads * self.head_dim
+        q = rearrange(qkv[..., :q_size], "b t (h d) -> b t h d", d=self.head_dim)
+        k, v = rearrange(qkv[..., q_size:], "b t (two h d) -> two b t h d", two=2, d=self.head_dim)
+        return q, k, v
+
+    def forward(self, x, lengths=None, context=None, context_lengths=None) -> torch.Tensor:
+        if self.cross != (context is not None):
+            raise ValueError("this Attention was built for " + ("cross" if self.cross else "self") + "-attention.")
+        q, k, v = self.project(x, context)  # (B, Tq, H, D), (B, Tk, Hk, D) x 2
+        k_lengths = context_lengths if self.cross else lengths
         q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        if self.log_temperature is not None:
+            q = q * self.log_temperature.exp().reshape(-1, 1).to(q.dtype)  # scales every logit of the head
+        tq, tk = q.shape[1], k.shape[1]
         spec = AttentionSpec(
-            scale=default_scale(self.head_dim),
+            scale=1.0 / math.sqrt(self.head_dim),
             causal=self.causal,
+            window=self.window(),
             dropout_p=self.config.attn_drop if self.training else 0.0,
-            sigmoid_bias=self.sigmoid_bias(k.shape[1]),
+            sigmoid_bias=self.sigmoid_bias(tq, tk, lengths, k_lengths, x.device),
+            alibi_slopes=self.alibi_slopes,
+            q_lengths=lengths,
+            k_lengths=k_lengths,
         )
-        out = self.backend(q, k, v, spec)  # (B, T, H, D)
-        return self.proj_drop(self.proj(rearrange(out, "b t h d -> b t (h d)")))  # (B, T, C)
+        out = self.backend(q, k, v, spec)  # (B, Tq, H, D)
+        if self.config.length_norm is not None:
+            n = self.keys_per_row(tq, tk, lengths, k_lengths, x.device).clamp(min=1)  # (B|1, Tq)
+            out = out * (n if self.config.length_norm == "n" else n.sqrt()).reciprocal()[..., None, None].to(out.dtype)
+        return self.proj_drop(self.proj(rearrange(out, "b t h d -> b t (h d)")))  # (B, Tq, C)

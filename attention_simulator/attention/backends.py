@@ -1,12 +1,14 @@
 """Attention backends: functions `(q, k, v, spec) -> out` registered by name.
 
-Tensors are [batch, seq, heads, head_dim] in and out (FlashAttention's layout). A backend
-declares which options it honours; `AttentionConfig` refuses the rest at construction.
+Tensors are [batch, seq, heads, head_dim] in and out (FlashAttention's layout); k and v may
+have fewer heads (GQA / MQA). Masks are bottom-right aligned as in flash-attn >= 2.1, per
+sequence when the batch is right-padded; their one definition is FlashSigmoid's
+`attention_mask`. A backend declares which options it honours; `AttentionConfig` refuses the
+rest at construction.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +17,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import flash_sigmoid
-from flash_sigmoid.reference import allowed_and_alibi, sigmoid_weights, weighted_values
+from flash_sigmoid.reference import attention_mask, sigmoid_weights, weighted_values
+
+from .masks import cu_seqlens, pad, unpad
 
 
 @dataclass(frozen=True)
@@ -24,24 +28,39 @@ class AttentionSpec:
 
     scale: float
     causal: bool = False
+    window: tuple[int, int] = (-1, -1)  # (left, right) key distance; −1 = unbounded
     dropout_p: float = 0.0
-    sigmoid_bias: float | torch.Tensor | None = None  # resolved: a number or a tensor, never "auto"
+    sigmoid_bias: float | torch.Tensor | None = None  # float, [], [H], [B, H] or per row [B, H, Tq]
+    alibi_slopes: torch.Tensor | None = None  # (H,) fp32
+    q_lengths: torch.Tensor | None = None  # (B,) for right-padded batches
+    k_lengths: torch.Tensor | None = None
+
+    def mask(self, q, k, dtype):
+        return attention_mask(q.shape[1], k.shape[1], self.causal, self.window, self.alibi_slopes, self.q_lengths,
+                              self.k_lengths, device=q.device, dtype=dtype)  # fmt: skip
 
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], torch.Tensor]
+
+# options a backend may honour; AttentionConfig checks the ones a config switches on
+OPTIONS = ("causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias", "length_norm")
 
 
 @dataclass(frozen=True)
 class Backend:
     fn: BackendFn
     activation: str  # "softmax" | "sigmoid"
-    supports: frozenset[str]  # option names it honours, e.g. {"causal", "dropout"}
+    supports: frozenset[str]
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, activation: str, supports: set[str]):
+    unknown = set(supports) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"backend {name!r} declares unknown options {sorted(unknown)}; known: {OPTIONS}.")
+
     def decorator(fn: BackendFn) -> BackendFn:
         BACKENDS[name] = Backend(fn, activation, frozenset(supports))
         return fn
@@ -56,18 +75,8 @@ def backends_supporting(option: str) -> list[str]:
 # ---- naive backends: materialise the [B, H, Tq, Tk] matrix (the diagnostic reference) ------------
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Scaled logits q·kᵀ·scale with masked positions at −inf: (B, H, Tq, Tk). Masks are
-    bottom-right aligned, as flash-attn >= 2.1 and FlashSigmoid (one definition, theirs)."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * spec.scale
-    tq, tk = scores.shape[-2:]
-    rows, cols = torch.arange(tq, device=q.device), torch.arange(tk, device=q.device)
-    allowed, _ = allowed_and_alibi(rows, cols, tk - tq, spec.causal, (-1, -1), None, tk)
-    return scores.masked_fill(~allowed, float("-inf"))
-
-
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Attention weights in fp32 for half inputs (as fused kernels accumulate), fp64 kept."""
+    """Attention math in fp32 for half inputs (as fused kernels accumulate), fp64 kept."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -75,52 +84,91 @@ def _dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(weights, p) if p else weights
 
 
-@register_backend("softmax", "softmax", {"causal", "dropout"})
+def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t if t.shape[2] == heads else t.repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def _softmax_inputs(q, k, spec):
+    """Scaled scores (B, H, Tq, Tk) with ALiBi and −inf at masked pairs, and which rows attend to
+    anything. A row with no key (e.g. a padded query beyond a window) gets all-zero weights
+    instead of softmax's NaN, as in flash-attn."""
+    scores = _at_least_fp32(torch.einsum("bqhd,bkhd->bhqk", q, _repeat_kv(k, q.shape[2]))) * spec.scale
+    allowed, alibi = spec.mask(q, k, scores.dtype)
+    if alibi is not None:
+        scores = scores + alibi
+    any_key = allowed.any(-1, keepdim=True)
+    return scores.masked_fill(~(allowed | ~any_key), float("-inf")), any_key
+
+
+@register_backend("softmax", "softmax", {"causal", "window", "alibi", "dropout"})
 def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
-    weights = torch.softmax(_at_least_fp32(attention_scores(q, k, spec)), dim=-1)  # (B, H, Tq, Tk)
+    scores, any_key = _softmax_inputs(q, k, spec)
+    weights = torch.softmax(scores, dim=-1) * any_key  # (B, H, Tq, Tk)
     return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
 
 
-@register_backend("sigmoid", "sigmoid", {"causal", "dropout", "sigmoid_bias"})
+@register_backend(
+    "sigmoid", "sigmoid", {"causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias", "length_norm"}
+)
 def sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     """sigmoid(q·kᵀ·scale + b)·v with the matrix materialised: FlashSigmoid's exact reference."""
-    bias = 0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias
-    weights = sigmoid_weights(q, k, scale=spec.scale, bias=bias, causal=spec.causal)  # (B, H, Tq, Tk)
+    weights = sigmoid_weights(
+        q, k, scale=spec.scale, bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias, causal=spec.causal,
+        window=spec.window, alibi_slopes=spec.alibi_slopes, q_lengths=spec.q_lengths, k_lengths=spec.k_lengths,
+    )  # fmt: skip
     return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
 
 
-# ---- fused softmax: flash-attn on CUDA half precision, else PyTorch SDPA --------------------------
+# ---- fused backends ----------------------------------------------------------------------------------
+
+
+def _varlen(fn, q, k, v, spec: AttentionSpec, **kw) -> torch.Tensor:
+    """Run a flash-attn-style varlen function on a right-padded batch; padded rows come back 0."""
+    q_lengths = spec.q_lengths if spec.q_lengths is not None else spec.k_lengths.new_full((q.shape[0],), q.shape[1])
+    q_packed, index = unpad(q, q_lengths)
+    k_packed, _ = unpad(k, spec.k_lengths)
+    v_packed, _ = unpad(v, spec.k_lengths)
+    out = fn(q_packed, k_packed, v_packed, cu_seqlens(q_lengths), cu_seqlens(spec.k_lengths), q.shape[1], k.shape[1],
+             **kw)  # fmt: skip
+    return pad(out, index, q.shape[0], q.shape[1])
+
 
 try:  # optional extra: pip install 'attention-simulator[flash-attn]'
-    from flash_attn import flash_attn_func as _flash_attn_func
+    import flash_attn as _flash_attn
 except ImportError:  # pragma: no cover - depends on the environment
-    _flash_attn_func = None
+    _flash_attn = None
 
 
-@register_backend("flash_softmax", "softmax", {"causal", "dropout"})
+@register_backend("flash_softmax", "softmax", {"causal", "window", "alibi", "dropout"})
 def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
-    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash_attn_func(q, k, v, dropout_p=spec.dropout_p, softmax_scale=spec.scale, causal=spec.causal)
-    tq, tk = q.shape[1], k.shape[1]
-    mask = None
-    if spec.causal and tq != tk:  # SDPA's is_causal is top-left aligned; flash-attn's is bottom-right
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-    out = F.scaled_dot_product_attention(
-        *(rearrange(t, "b t h d -> b h t d") for t in (q, k, v)),
-        attn_mask=mask,
-        dropout_p=spec.dropout_p,
-        is_causal=spec.causal and mask is None,
-        scale=spec.scale,
-    )
-    return rearrange(out, "b h t d -> b t h d")
+    """flash-attn 2 on CUDA fp16/bf16 when installed; otherwise PyTorch SDPA."""
+    if _flash_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        kw = dict(dropout_p=spec.dropout_p, softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window,
+                  alibi_slopes=spec.alibi_slopes)  # fmt: skip
+        if spec.k_lengths is not None:
+            return _varlen(_flash_attn.flash_attn_varlen_func, q, k, v, spec, **kw)
+        return _flash_attn.flash_attn_func(q, k, v, **kw)
+    simple = spec.window == (-1, -1) and spec.alibi_slopes is None and spec.k_lengths is None
+    heads = q.shape[2]
+    q_, k_, v_ = (rearrange(t, "b t h d -> b h t d") for t in (q, _repeat_kv(k, heads), _repeat_kv(v, heads)))
+    if simple and (not spec.causal or q.shape[1] == k.shape[1]):  # SDPA's is_causal is top-left aligned
+        out = F.scaled_dot_product_attention(q_, k_, v_, dropout_p=spec.dropout_p, is_causal=spec.causal,
+                                             scale=spec.scale)  # fmt: skip
+        return rearrange(out, "b h t d -> b t h d")
+    allowed, alibi = spec.mask(q, k, _at_least_fp32(q).dtype)
+    any_key = allowed.any(-1, keepdim=True)
+    mask = allowed | ~any_key if alibi is None else alibi.masked_fill(~(allowed | ~any_key), float("-inf"))
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.to(q.dtype) if alibi is not None else mask,
+                                         dropout_p=spec.dropout_p, scale=spec.scale)  # fmt: skip
+    return rearrange(out * any_key.to(out.dtype), "b h t d -> b t h d")
 
 
-@register_backend("flash_sigmoid", "sigmoid", {"causal", "sigmoid_bias"})
+@register_backend("flash_sigmoid", "sigmoid", {"causal", "window", "alibi", "sigmoid_bias", "length_norm"})
 def flash_sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
-    """This repo's fused kernel: Triton on CUDA, the chunked O(T·block)-memory path on CPU."""
-    bias = 0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias
-    return flash_sigmoid.flash_attn_func(q, k, v, softmax_scale=spec.scale, causal=spec.causal, sigmoid_bias=bias)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+    """This repo's fused kernel: Triton on CUDA, the chunked O(T·block)-memory path on CPU.
+    Padded batches run through its varlen path (no padding computed)."""
+    kw = dict(softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window, alibi_slopes=spec.alibi_slopes,
+              sigmoid_bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias)  # fmt: skip
+    if spec.k_lengths is not None:
+        return _varlen(flash_sigmoid.flash_attn_varlen_func, q, k, v, spec, **kw)
+    return flash_sigmoid.flash_attn_func(q, k, v, **kw)

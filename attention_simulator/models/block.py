@@ -1,5 +1,5 @@
-"""The transformer block shared by every model: pre-norm attention + MLP, optional LayerScale
-and stochastic depth (each `nn.Identity` when off)."""
+"""The transformer block shared by every model: attention + MLP residual branches with pre-,
+post- or hybrid-norm, optional LayerScale and stochastic depth (each `nn.Identity` when off)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from ..attention import Attention, AttentionConfig
+from ..attention.norms import make_norm
+from ..errors import ConfigError
 
 
 class LayerScale(nn.Module):
@@ -53,8 +55,15 @@ def _optional(module_cls, value, *args):
     return module_cls(*args, value) if value else nn.Identity()
 
 
+NORM_PLACEMENTS = ("pre", "post", "hybrid")
+
+
 class TransformerBlock(nn.Module):
-    """x + drop_path(ls(attn(norm(x)))), then the same with the MLP: (B, T, C) -> (B, T, C)."""
+    """Attention then MLP, each a residual branch x -> rnorm(x + drop_path(ls(post(f(norm(x)))))):
+
+    pre-norm: `norm` only; post-norm (the original Transformer): `rnorm` only; hybrid-norm:
+    `norm` and `post` (y = x + postnorm(f(prenorm(x)))). The others are nn.Identity.
+    (B, T, C) -> (B, T, C)."""
 
     def __init__(
         self,
@@ -65,21 +74,28 @@ class TransformerBlock(nn.Module):
         layer_scale: float | None = None,
         drop_path: float = 0.0,
         causal: bool = False,
+        norm: str = "pre",
+        norm_type: str = "layernorm",
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, attention, causal=causal)
-        self.ls1 = _optional(LayerScale, layer_scale, dim)
-        self.drop_path1 = _optional(DropPath, drop_path)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), attention.proj_drop)
-        self.ls2 = _optional(LayerScale, layer_scale, dim)
-        self.drop_path2 = _optional(DropPath, drop_path)
+        if norm not in NORM_PLACEMENTS:
+            raise ConfigError(f"model.norm={norm!r}: use one of {list(NORM_PLACEMENTS)}.")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))  # (B, T, C)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # (B, T, C)
-        return x
+        def norm_if(*placements):
+            return make_norm(norm_type if norm in placements else None, dim, "model.norm_type")
+
+        self.norm1, self.post_norm1, self.residual_norm1 = norm_if("pre", "hybrid"), norm_if("hybrid"), norm_if("post")
+        self.attn = Attention(dim, num_heads, attention, causal=causal)
+        self.ls1, self.drop_path1 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
+        self.norm2, self.post_norm2, self.residual_norm2 = norm_if("pre", "hybrid"), norm_if("hybrid"), norm_if("post")
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), attention.proj_drop)
+        self.ls2, self.drop_path2 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.post_norm1(self.attn(self.norm1(x), lengths=lengths))  # (B, T, C)
+        x = self.residual_norm1(x + self.drop_path1(self.ls1(h)))
+        h = self.post_norm2(self.mlp(self.norm2(x)))  # (B, T, C)
+        return self.residual_norm2(x + self.drop_path2(self.ls2(h)))
 
 
 def init_weights(module: nn.Module, std: float = 0.02):
@@ -88,6 +104,5 @@ def init_weights(module: nn.Module, std: float = 0.02):
         nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        module.reset_parameters()

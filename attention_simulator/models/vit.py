@@ -6,20 +6,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..attention import AttentionConfig
+from ..attention import AttentionConfig, sincos_2d
+from ..attention.norms import make_norm
 from ..errors import ConfigError
 from .block import TransformerBlock, init_weights
-
-
-def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (MAE / big_vision): (grid*grid, dim)."""
-    if dim % 4:
-        raise ConfigError(f"sin-cos position embeddings need a width divisible by 4, got {dim}.")
-    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
-    y = y.flatten()[:, None] * omega[None]
-    x = x.flatten()[:, None] * omega[None]
-    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
 
 
 class VisionTransformer(nn.Module):
@@ -40,6 +30,8 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "learned",
         layer_scale: float | None = None,
         drop_path: float = 0.0,
+        norm: str = "pre",
+        norm_type: str = "layernorm",
         attention: AttentionConfig = AttentionConfig(),
     ):
         super().__init__()
@@ -47,21 +39,23 @@ class VisionTransformer(nn.Module):
             raise ConfigError(f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}.")
         if pool not in ("cls", "avg"):
             raise ConfigError(f"model.pool={pool!r}: use 'cls' (class token) or 'avg' (global average pooling).")
-        if pos_embed not in ("learned", "sincos"):
-            raise ConfigError(f"model.pos_embed={pos_embed!r}: use 'learned' or 'sincos'.")
+        if pos_embed not in ("learned", "sincos", "none"):
+            raise ConfigError(f"model.pos_embed={pos_embed!r}: use 'learned', 'sincos' or 'none'.")
         self.patch_size, self.pool = patch_size, pool
         grid = img_size // patch_size
         self.patch_embed = nn.Linear(in_chans * patch_size**2, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
-        else:
-            self.register_buffer("pos_embed", sincos_2d(grid, dim)[None], persistent=False)
+        else:  # fixed, or none (zeros: e.g. when attention carries positions, RoPE / ALiBi)
+            table = sincos_2d(grid, dim)[None] if pos_embed == "sincos" else torch.zeros(1, grid * grid, dim)
+            self.register_buffer("pos_embed", table, persistent=False)
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate) for rate in rates
+            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type)
+            for rate in rates
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_norm(norm_type, dim, "model.norm_type")
         self.head = nn.Linear(dim, num_classes)
         self.reset_parameters()
 

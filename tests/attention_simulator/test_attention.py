@@ -60,11 +60,13 @@ def test_softmax_rows_sum_to_one_and_sigmoid_rows_do_not():
 
 def test_auto_bias_is_minus_log_n():
     attn = Attention(16, 2, AttentionConfig(backend="sigmoid", sigmoid_bias="auto"))
-    assert attn.sigmoid_bias(17) == pytest.approx(-math.log(17))
-    assert Attention(16, 2, AttentionConfig(backend="sigmoid", sigmoid_bias=-3.0)).sigmoid_bias(17) == -3.0
+    assert attn.sigmoid_bias(17, 17) == pytest.approx(-math.log(17))
+    assert Attention(16, 2, AttentionConfig(backend="sigmoid", sigmoid_bias=-3.0)).sigmoid_bias(17, 17) == -3.0
+    per_sequence = attn.sigmoid_bias(17, 17, k_lengths=torch.tensor([17, 4]))
+    torch.testing.assert_close(per_sequence, -torch.tensor([[17.0, 17.0], [4.0, 4.0]]).log())
 
 
-@pytest.mark.parametrize("backend", ["softmax", "sigmoid", "flash_softmax"])
+@pytest.mark.parametrize("backend", ["softmax", "sigmoid", "flash_softmax", "flash_sigmoid"])
 def test_module_backends_share_weights_and_shapes(backend):
     torch.manual_seed(0)
     attn = Attention(32, 4, AttentionConfig(backend=backend, qk_norm=True))

@@ -28,21 +28,25 @@ MODES = {
     "alibi_causal": {"causal": True, "alibi": "per_head"},
 }
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-BIASES = ["float", "scalar_tensor", "per_head_tensor"]
+BIASES = ["float", "scalar_tensor", "per_head_tensor", "per_sequence_tensor"]
 
 
 def _cases():
     for i, (shape, mode) in enumerate(itertools.product(SHAPES, MODES)):
-        dtype, bias = DTYPES[i % 3], BIASES[(i // 3) % 3]
+        dtype, bias = DTYPES[i % 3], BIASES[(i // 3) % 4]
         yield pytest.param(shape, MODES[mode], dtype, bias, id=f"{'x'.join(map(str, shape))}-{mode}-{dtype}-{bias}")
     yield pytest.param((2, 20, 20, 4, 4, 32), {"alibi": "per_batch"}, torch.float32, "float", id="alibi_per_batch")
     yield pytest.param((1, 16, 16, 2, 2, 256), {"causal": True}, torch.float16, "per_head_tensor", id="head_dim_256")
 
 
-def make_bias(kind, heads):
+def make_bias(kind, batch, heads):
     if kind == "float":
         return -1.7
-    values = torch.tensor(-1.7) if kind == "scalar_tensor" else torch.linspace(-3.0, 0.5, heads)
+    values = {
+        "scalar_tensor": torch.tensor(-1.7),
+        "per_head_tensor": torch.linspace(-3.0, 0.5, heads),
+        "per_sequence_tensor": torch.linspace(-3.0, 0.5, batch * heads).view(batch, heads),
+    }[kind]
     return values.requires_grad_()
 
 
@@ -66,7 +70,7 @@ def check_all(out, mass, grads, exact, lowp, bias):
 def test_matches_reference(shape, mode, dtype, bias_kind):
     b, tq, tk, h, hk, d = shape
     q, k, v = make_inputs(b, tq, tk, h, hk, d, dtype)
-    bias = make_bias(bias_kind, h)
+    bias = make_bias(bias_kind, b, h)
     alibi = make_alibi(mode.get("alibi"), b, h)
     kw = dict(causal=mode.get("causal", False), window=mode.get("window", (-1, -1)), alibi_slopes=alibi)
     out, mass = flash_attn_func(
@@ -91,7 +95,7 @@ def test_varlen_matches_per_sequence_reference(causal, dtype):
     q, k, v = make_inputs(0, 0, 0, h, hk, d, dtype, packed_lengths=(lengths_q, lengths_k))
     cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
     cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
-    bias = torch.linspace(-2.0, -1.0, h).requires_grad_()
+    bias = torch.linspace(-2.0, -1.0, len(lengths_q) * h).view(-1, h).requires_grad_()  # per sequence and head
     out, mass = flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal, sigmoid_bias=bias, return_attn_mass=True
     )
@@ -103,11 +107,15 @@ def test_varlen_matches_per_sequence_reference(causal, dtype):
         sq, sk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
         for name, upcast in (("exact", True), ("lowp", False)):
             seq = [t.detach()[s][None] for t, s in ((q, sq), (k, sk), (v, sk))]
-            refs[name].append(reference_run(*seq, bias.detach(), dout[sq][None], upcast=upcast, causal=causal))
+            refs[name].append(reference_run(*seq, bias.detach()[i], dout[sq][None], upcast=upcast, causal=causal))
 
     def joined(parts):
         out_, mass_, grads_ = zip(*parts)
         cat = [torch.cat([g[j][0] for g in grads_]) for j in range(3)]
-        return torch.cat([o[0] for o in out_]), torch.cat([m[0] for m in mass_], -1), [*cat, sum(g[3] for g in grads_)]
+        return (
+            torch.cat([o[0] for o in out_]),
+            torch.cat([m[0] for m in mass_], -1),
+            [*cat, torch.stack([g[3] for g in grads_])],
+        )
 
     check_all(out, mass, grads, joined(refs["exact"]), joined(refs["lowp"]), bias)

@@ -52,7 +52,7 @@ def bad_varlen(**kw):
         (bad(window_size=5), ValueError, "pair of ints"),
         (bad(alibi_slopes=torch.ones(4, dtype=torch.float64)), ValueError, "float32"),
         (bad(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes has shape \(3,\)"),
-        (bad(sigmoid_bias=torch.zeros(3)), ValueError, r"shape \[\] or \[4\]"),
+        (bad(sigmoid_bias=torch.zeros(3)), ValueError, r"shape \[\], \[4\] or \[2, 4\]"),
         (bad(sigmoid_bias=float("nan")), ValueError, "finite"),
         (bad(dropout_p=0.1), NotImplementedError, "dropout_p"),
         (bad(return_attn_probs=True), NotImplementedError, "return_attn_mass"),

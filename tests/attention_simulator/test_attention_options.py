@@ -1,0 +1,239 @@
+"""Each attention option against its definition, computed independently here."""
+
+import math
+
+import pytest
+import torch
+
+from attention_simulator.attention import Attention, AttentionConfig, RotaryEmbedding, alibi_slopes
+from attention_simulator.attention.norms import make_norm
+from attention_simulator.errors import ConfigError
+from attention_simulator.models.block import TransformerBlock
+from flash_sigmoid.reference import attention_mask, keys_per_row, sigmoid_weights
+
+BACKENDS = ["softmax", "sigmoid", "flash_softmax", "flash_sigmoid"]
+
+
+# ---- RoPE ---------------------------------------------------------------------------------------
+
+
+def scores(q, k):
+    return torch.einsum("bqhd,bkhd->bhqk", q, k)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16, base=100.0)
+    q, k = torch.randn(2, 6, 3, 16), torch.randn(2, 6, 3, 16)
+    at_zero = scores(rope(q), rope(k))
+    shifted = scores(rope(q, offset=37), rope(k, offset=37))  # every position + 37
+    torch.testing.assert_close(shifted, at_zero, rtol=1e-4, atol=1e-4)
+    assert (at_zero - scores(q, k)).abs().max() > 0.1  # and RoPE does change the scores
+
+
+def test_rope_rotates_along_the_sequence_axis_of_b_t_h_d():
+    """The same vector at every position and head: rotated vectors differ across positions
+    (T is dim 1) but not across heads (H is dim 2) -- a layout mix-up fails here."""
+    rope = RotaryEmbedding(8)
+    x = torch.randn(8).expand(1, 5, 4, 8).clone()
+    out = rope(x)
+    assert torch.allclose(out[:, :, 0], out[:, :, 3])
+    assert not torch.allclose(out[:, 1], out[:, 2])
+    torch.testing.assert_close(out[:, 0], x[:, 0])  # position 0 is not rotated
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps norms
+
+
+def test_partial_rope_leaves_the_other_dims_alone():
+    rope = RotaryEmbedding(16, fraction=0.25)
+    x = torch.randn(1, 7, 2, 16)
+    out = rope(x)
+    assert torch.equal(out[..., 4:], x[..., 4:]) and not torch.allclose(out[..., :4], x[..., :4])
+
+
+# ---- ALiBi ----------------------------------------------------------------------------------------
+
+
+def test_alibi_slopes_follow_the_paper():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    twelve = alibi_slopes(12)  # 8 from the power of two below, then every other one of 16
+    torch.testing.assert_close(twelve[:8], alibi_slopes(8))
+    torch.testing.assert_close(twelve[8:], alibi_slopes(16)[0::2][:4])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_adds_minus_slope_times_distance(causal):
+    slopes = alibi_slopes(4)
+    allowed, alibi = attention_mask(6, 6, causal, alibi_slopes=slopes)
+    i, j = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    torch.testing.assert_close(alibi[0], -slopes[:, None, None] * (i - j).abs().float())
+    assert torch.equal(allowed, j <= i) if causal else allowed.all()
+
+
+# ---- masks and −log n ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (True, (2, 0)), (False, (1, 3))])
+def test_keys_per_row_counts_the_mask(causal, window):
+    lengths_q, lengths_k = torch.tensor([9, 4, 1]), torch.tensor([9, 6, 3])
+    allowed, _ = attention_mask(9, 9, causal, window, q_lengths=lengths_q, k_lengths=lengths_k)
+    counted = allowed[:, 0].sum(-1).float()
+    torch.testing.assert_close(keys_per_row(9, 9, causal, window, lengths_q, lengths_k), counted)
+
+
+def mass_at_zero_logits(bias_n, causal, lengths=None):
+    """Σ_j p_ij with q·k = 0, using the module's own bias."""
+    attn = Attention(16, 2, AttentionConfig(backend="sigmoid", sigmoid_bias="auto", bias_n=bias_n), causal=causal)
+    bias = attn.sigmoid_bias(10, 10, lengths, lengths)
+    zeros = torch.zeros(1 if lengths is None else len(lengths), 10, 2, 8)
+    weights = sigmoid_weights(zeros, zeros, scale=1.0, bias=bias, causal=causal, q_lengths=lengths, k_lengths=lengths)
+    return weights.sum(-1)[:, 0]  # (B, Tq)
+
+
+def test_minus_log_n_gives_each_row_mass_near_one():
+    n = torch.arange(1, 11).float()
+    full = mass_at_zero_logits("max_length", causal=False)
+    torch.testing.assert_close(full, torch.full_like(full, 10 / 11))  # every row sees all n keys
+    per_row = mass_at_zero_logits("per_row", causal=True)
+    torch.testing.assert_close(per_row[0], n / (n + 1))  # row i sees i + 1 keys, b = −log(i + 1)
+    max_len = mass_at_zero_logits("max_length", causal=True)
+    torch.testing.assert_close(max_len[0], n / 11)  # b = −log 10 for every row: early rows starve
+    padded = mass_at_zero_logits("max_length", causal=False, lengths=torch.tensor([10, 4]))
+    torch.testing.assert_close(padded[1, :4], torch.full((4,), 4 / 5))  # n = the true length
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_at_real_positions_ignore_extra_padding(backend):
+    sigmoid = "sigmoid" in backend
+    config = AttentionConfig(backend=backend, position="alibi", window=4, sigmoid_bias="auto" if sigmoid else None,
+                             num_kv_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    attn = Attention(32, 4, config, causal=True).eval()
+    x, lengths = torch.randn(2, 9, 32), torch.tensor([9, 5])
+    out = attn(x, lengths=lengths)
+    longer = attn(torch.cat([x, 100 * torch.randn(2, 6, 32)], dim=1), lengths=lengths)
+    torch.testing.assert_close(longer[0, :9], out[0, :9], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(longer[1, :5], out[1, :5], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length_norm, power", [("n", 1.0), ("sqrt_n", 0.5)])
+def test_length_norm_divides_each_row_by_its_key_count(length_norm, power):
+    torch.manual_seed(0)
+    plain = Attention(16, 2, AttentionConfig(backend="sigmoid", sigmoid_bias=-1.0), causal=True)
+    normed = Attention(
+        16, 2, AttentionConfig(backend="sigmoid", sigmoid_bias=-1.0, length_norm=length_norm), causal=True
+    )
+    normed.load_state_dict(plain.state_dict())
+    x, lengths = torch.randn(2, 7, 16), torch.tensor([7, 3])
+    captured = {}
+    plain.proj.register_forward_hook(lambda m, i, o: captured.setdefault("plain", i[0]))
+    normed.proj.register_forward_hook(lambda m, i, o: captured.setdefault("normed", i[0]))
+    plain(x, lengths=lengths), normed(x, lengths=lengths)
+    n = torch.arange(1, 8).float().clamp(max=torch.tensor([[7], [3]]))  # causal: row i attends min(i + 1, L)
+    torch.testing.assert_close(captured["normed"], captured["plain"] / n[..., None] ** power)
+
+
+def test_temperature_scales_the_logits():
+    torch.manual_seed(0)
+    config = AttentionConfig(backend="sigmoid", sigmoid_bias=0.0, temperature="per_head")
+    attn = Attention(16, 2, config)
+    x = torch.randn(1, 5, 16)
+    base = attn(x)
+    with torch.no_grad():
+        attn.log_temperature.fill_(math.log(2.0))
+    doubled = attn(x)
+    attn.qkv.weight.data[:16] *= 2  # doubling q by hand is the same as temperature 2
+    with torch.no_grad():
+        attn.qkv.bias.data[:16] *= 2
+        attn.log_temperature.zero_()
+    torch.testing.assert_close(attn(x), doubled)
+    assert not torch.allclose(base, doubled)
+
+
+# ---- norms and block shapes --------------------------------------------------------------------------
+
+
+def test_rmsnorm_normalises_the_last_dimension():
+    norm = make_norm("rmsnorm", 6, "test")
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 7.0))
+    x = torch.randn(2, 3, 6) * 5
+    expected = x / x.pow(2).mean(-1, keepdim=True).add(torch.finfo(x.dtype).eps).sqrt() * torch.arange(1.0, 7.0)
+    torch.testing.assert_close(norm(x), expected)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "hybrid"])
+def test_block_norm_placements(placement):
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 2, norm=placement, norm_type="rmsnorm", layer_scale=0.5).eval()
+    x = torch.randn(2, 5, 16)
+    n = {
+        k: getattr(block, k) for k in ("norm1", "post_norm1", "residual_norm1", "norm2", "post_norm2", "residual_norm2")
+    }
+    rms = torch.nn.RMSNorm
+    if placement == "pre":
+        h = x + 0.5 * block.attn(n["norm1"](x))
+        expected = h + 0.5 * block.mlp(n["norm2"](h))
+    elif placement == "post":
+        h = n["residual_norm1"](x + 0.5 * block.attn(x))
+        expected = n["residual_norm2"](h + 0.5 * block.mlp(h))
+    else:
+        h = x + 0.5 * n["post_norm1"](block.attn(n["norm1"](x)))
+        expected = h + 0.5 * n["post_norm2"](block.mlp(n["norm2"](h)))
+    assert sum(isinstance(m, rms) for m in n.values()) == {"pre": 2, "post": 2, "hybrid": 4}[placement]
+    torch.testing.assert_close(block(x), expected)
+
+
+# ---- heads and cross-attention -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_grouped_and_multi_query_heads_share_keys(kv_heads):
+    attn = Attention(32, 4, AttentionConfig(num_kv_heads=kv_heads))
+    assert attn.qkv.out_features == 32 + 2 * kv_heads * 8
+
+
+@pytest.mark.parametrize("naive, fused", [("softmax", "flash_softmax"), ("sigmoid", "flash_sigmoid")])
+def test_cross_attention_with_other_lengths_and_widths(naive, fused):
+    torch.manual_seed(0)
+    kw = dict(sigmoid_bias="auto") if naive == "sigmoid" else {}
+    a = Attention(32, 4, AttentionConfig(backend=naive, num_kv_heads=2, **kw), kv_dim=48)
+    b = Attention(32, 4, AttentionConfig(backend=fused, num_kv_heads=2, **kw), kv_dim=48)
+    b.load_state_dict(a.state_dict())
+    x, context, context_lengths = torch.randn(2, 5, 32), torch.randn(2, 7, 48), torch.tensor([7, 3])
+    out = a(x, context=context, context_lengths=context_lengths)
+    assert out.shape == (2, 5, 32)
+    torch.testing.assert_close(b(x, context=context, context_lengths=context_lengths), out, rtol=1e-5, atol=1e-6)
+    junk = torch.cat([context[1:, :3], 50 * torch.randn(1, 4, 48)], dim=1)  # keys beyond the length are ignored
+    torch.testing.assert_close(a(x[1:], context=junk, context_lengths=context_lengths[1:]), out[1:])
+
+
+# ---- options a backend cannot honour ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            dict(backend="softmax", length_norm="n"),
+            r"'softmax' cannot honour length_norm; .*\['flash_sigmoid', 'sigmoid'\]",
+        ),
+        (dict(backend="flash_softmax", learnable_bias="scalar"), r"cannot honour sigmoid_bias"),
+        (dict(backend="flash_sigmoid", sigmoid_bias="auto", bias_n="per_row"), r"per_row_bias; .*\['sigmoid'\]"),
+        (dict(backend="flash_sigmoid", attn_drop=0.1), r"cannot honour dropout; .*flash_softmax"),
+        (dict(backend="sigmoid", sigmoid_bias=1.0, bias_n="per_row"), r"bias_n=per_row only applies"),
+        (dict(position="absolute"), r"attention.position='absolute'"),
+        (dict(window=-3), r"window=-3"),
+    ],
+)
+def test_impossible_options_are_refused_at_construction(config, message):
+    with pytest.raises(ConfigError, match=message):
+        AttentionConfig(**config)
+
+
+def test_structural_mistakes_are_refused():
+    with pytest.raises(ConfigError, match="num_kv_heads=3 must divide num_heads=4"):
+        Attention(32, 4, AttentionConfig(num_kv_heads=3))
+    with pytest.raises(ConfigError, match="rope is for self-attention"):
+        Attention(32, 4, AttentionConfig(position="rope"), kv_dim=16)
+    with pytest.raises(ConfigError, match="qk_norm='batchnorm'"):
+        Attention(32, 4, AttentionConfig(qk_norm="batchnorm"))
