@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-SECTIONS = {"name", "task", "data", "model", "attention", "optimizer", "schedule", "logger", "trainer"}
+SECTIONS = {"name", "task", "data", "model", "attention", "optimizer", "schedule", "diagnostics", "logger", "trainer"}
 SPECIAL_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 

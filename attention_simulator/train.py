@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import optorch
 
 from .config import CONFIG_DIR, build, validate
+from .diagnostics import Diagnostics
 from .diagnostics.report import write_report
 from .errors import ConfigError
 from .trainer import Trainer
@@ -38,8 +39,8 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
     return factory(learning_rate=learning_rate, weight_decay_mask=mask), learning_rate
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Build everything from a composed config and train; return the final eval main metric."""
+def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """Build every component of a composed config into a ready Trainer."""
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer_cfg = build(cfg.trainer, "trainer")
@@ -49,15 +50,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     model = build(cfg.model, "model", _partial_=True)(attention=build(cfg.attention, "attention"))
     optimizer, learning_rate = build_optimizer(cfg, model)
     tracker = build(cfg.logger, "logger")(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
-    task = build(cfg.task, "task")
-    trainer = Trainer(
-        trainer_cfg, task=task, model=model, optimizer=optimizer, data=data, tracker=tracker, run_dir=run_dir,
-        learning_rate=learning_rate,
+    diagnostics = Diagnostics(build(cfg.diagnostics, "diagnostics"), model)
+    return Trainer(
+        trainer_cfg, task=build(cfg.task, "task"), model=model, optimizer=optimizer, data=data, tracker=tracker,
+        run_dir=run_dir, learning_rate=learning_rate, diagnostics=diagnostics,
     )  # fmt: skip
-    trainer.fit()
-    final = write_report(run_dir, main_metric=task.main_metric)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Train a composed config; return the final evaluation of the task's main metric."""
+    trainer = make_trainer(cfg, run_dir).fit()
+    final = write_report(run_dir, main_metric=trainer.task.main_metric)
     print(f"run dir: {run_dir}")
-    return final.get(f"eval/{task.main_metric}", float("nan"))
+    return final.get(f"eval/{trainer.task.main_metric}", float("nan"))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 import optorch
 
 from . import checkpoint as ckpt
+from .diagnostics import Diagnostics, DiagnosticsConfig
 from .errors import ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,8 +57,12 @@ def _to(batch, device):
 
 
 class Trainer:
-    def __init__(self, config: TrainerConfig, *, task, model, optimizer, data, tracker, run_dir, learning_rate=None):
+    def __init__(
+        self, config: TrainerConfig, *, task, model, optimizer, data, tracker, run_dir, learning_rate=None,
+        diagnostics: Diagnostics | None = None,
+    ):  # fmt: skip
         self.cfg, self.task, self.data, self.tracker = config, task, data, tracker
+        self.diagnostics = diagnostics or Diagnostics(DiagnosticsConfig(every_n_steps=0), model)
         self.run_dir = Path(run_dir)
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
@@ -86,12 +91,15 @@ class Trainer:
         )
         tic = time.perf_counter()
         while self.step < end:
-            self.pending.append(self.train_step(batches))
+            recording = self.diagnostics.due(self.step + 1)
+            with self.diagnostics.recording(recording):
+                self.pending.append(self.train_step(batches))
             self.step += 1
             bar.update()
-            if self._every(self.cfg.log_every) or self.step == end:
-                self.log_training(bar, steps_per_sec=len(self.pending) / (time.perf_counter() - tic))
-                tic = time.perf_counter()
+            if recording or self._every(self.cfg.log_every) or self.step == end:
+                now = time.perf_counter()
+                self.log_training(bar, steps_per_sec=len(self.pending) / (now - tic))
+                tic = now  # logging's own cost counts toward the next interval
             if self._every(self.cfg.eval_every) or self.step == self.cfg.max_steps:
                 self.evaluate()
             if self._every(self.cfg.checkpoint_every) or self.step == end:
@@ -124,6 +132,7 @@ class Trainer:
 
     def optimizer_step(self):
         grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in self.params.items()}
+        self.diagnostics.record_gradients(self.params, grads)  # before the optimizer consumes them
         if self.scaler:
             found_inf = self.scaler.unscale(grads, self.loss_scale)
             self.loss_scale = self.scaler.update(self.loss_scale, found_inf)
@@ -132,40 +141,52 @@ class Trainer:
                 self.model.zero_grad(set_to_none=True)
                 return
         updates, self.opt_state = self.optimizer.update(grads, self.opt_state, self.params)
+        self.diagnostics.record_update(updates, self.opt_state)
         optorch.apply_updates(self.params, updates)
         self.model.zero_grad(set_to_none=True)
 
     # ---- metrics ---------------------------------------------------------------------------------
 
     def log_training(self, bar, steps_per_sec: float):
-        keys = list(self.pending[0])
-        extra = {"grad_norm": self.opt_state[0].global_norm} if self.cfg.grad_clip else {}
-        stacked = torch.stack([torch.stack([m[k] for m in self.pending]).mean() for k in keys] + list(extra.values()))
-        values = dict(zip([*keys, *extra], stacked.tolist()))  # one device -> host transfer
+        device_metrics = {f"train/{k}": torch.stack([m[k] for m in self.pending]).mean() for k in self.pending[0]}
+        if self.cfg.grad_clip:
+            norm = self.opt_state[0].global_norm  # before clipping, kept by optorch on device
+            device_metrics["train/grad_norm"] = norm
+            device_metrics["train/grad_norm_clipped"] = norm * torch.clamp(self.cfg.grad_clip / (norm + 1e-6), max=1.0)
+        if self.scaler:
+            device_metrics["train/loss_scale"] = self.loss_scale.scale
+        device_metrics.update(self.diagnostics.pop())
+        metrics = self._to_host(device_metrics)
         self.pending.clear()
-        metrics = {f"train/{k}": v for k, v in values.items()}
         metrics["train/steps_per_sec"] = steps_per_sec
         if self.learning_rate is not None:
             metrics["train/lr"] = self.learning_rate(self.step - 1)
         if self.scaler:
-            metrics["train/loss_scale"] = float(self.loss_scale.scale)
             metrics["train/skipped_steps"] = self.skipped_steps
         self.tracker.log(self.step, metrics)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", self.task.main_metric)})
+        shown = ("train/loss", f"train/{self.task.main_metric}")
+        bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4g}" for k in shown if k in metrics})
+
+    @staticmethod
+    def _to_host(device_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """All of a logging step's values (0-d tensors) in one device -> host transfer."""
+        return dict(zip(device_metrics, torch.stack(list(device_metrics.values())).tolist()))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         sums: dict[str, list] = {}
-        for batch in self.data.eval_loader():
-            with self.autocast():
+        for i, batch in enumerate(self.data.eval_loader()):
+            # the first batch's activation statistics, recorded while evaluating
+            with self.autocast(), self.diagnostics.recording(i == 0, eval=True):
                 for k, (total, count) in self.task.eval_step(self.model, _to(batch, self.device)).items():
                     acc = sums.setdefault(k, [0.0, 0])
                     acc[0], acc[1] = acc[0] + total, acc[1] + count
         self.model.train()
-        names = list(sums)
-        totals = torch.stack([torch.as_tensor(sums[k][0], dtype=torch.float64, device=self.device) for k in names])
-        results = {f"eval/{k}": t / sums[k][1] for k, t in zip(names, totals.tolist())}
+        device_metrics = {
+            f"eval/{k}": torch.as_tensor(total, device=self.device) / count for k, (total, count) in sums.items()
+        }
+        results = self._to_host(device_metrics | self.diagnostics.pop())
         self.tracker.log(self.step, results)
         self.tracker.flush()
         return results

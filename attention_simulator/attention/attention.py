@@ -11,6 +11,7 @@ from torch import nn
 
 from flash_sigmoid.reference import keys_per_row
 
+from ..diagnostics.probes import AttentionProbe, Probe
 from ..errors import ConfigError
 from .backends import BACKENDS, AttentionSpec, backends_supporting
 from .norms import make_norm
@@ -152,6 +153,9 @@ class Attention(nn.Module):
         self.log_temperature = _learned(config.temperature, num_heads)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(config.proj_drop) if config.proj_drop else nn.Identity()
+        self.weights_probe = AttentionProbe("attn", entropy=BACKENDS[config.backend].activation == "softmax")
+        self.values_probe = Probe("attn_v")
+        self.out_probe = Probe("attn_out")
 
     # ---- the sigmoid options -------------------------------------------------------------------
 
@@ -212,9 +216,12 @@ class Attention(nn.Module):
             alibi_slopes=self.alibi_slopes,
             q_lengths=lengths,
             k_lengths=k_lengths,
+            probe=self.weights_probe if self.weights_probe.active else None,
         )
         out = self.backend(q, k, v, spec)  # (B, Tq, H, D)
         if self.config.length_norm is not None:
             n = self.keys_per_row(tq, tk, lengths, k_lengths, x.device).clamp(min=1)  # (B|1, Tq)
             out = out * (n if self.config.length_norm == "n" else n.sqrt()).reciprocal()[..., None, None].to(out.dtype)
-        return self.proj_drop(self.proj(rearrange(out, "b t h d -> b t (h d)")))  # (B, Tq, C)
+        out = self.values_probe(out, lengths)  # attention·V: (B, Tq, H, D)
+        out = self.out_probe(self.proj(rearrange(out, "b t h d -> b t (h d)")), lengths)  # (B, Tq, C)
+        return self.proj_drop(out)

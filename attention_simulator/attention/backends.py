@@ -19,6 +19,7 @@ from einops import rearrange
 import flash_sigmoid
 from flash_sigmoid.reference import attention_mask, sigmoid_weights, weighted_values
 
+from ..diagnostics.probes import AttentionProbe
 from .masks import cu_seqlens, pad, unpad
 
 
@@ -34,6 +35,7 @@ class AttentionSpec:
     alibi_slopes: torch.Tensor | None = None  # (H,) fp32
     q_lengths: torch.Tensor | None = None  # (B,) for right-padded batches
     k_lengths: torch.Tensor | None = None
+    probe: AttentionProbe | None = None  # set while diagnostics record: gets the weights (or the mass)
 
     def mask(self, q, k, dtype):
         return attention_mask(q.shape[1], k.shape[1], self.causal, self.window, self.alibi_slopes, self.q_lengths,
@@ -104,6 +106,8 @@ def _softmax_inputs(q, k, spec):
 def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     scores, any_key = _softmax_inputs(q, k, spec)
     weights = torch.softmax(scores, dim=-1) * any_key  # (B, H, Tq, Tk)
+    if spec.probe is not None:
+        weights = spec.probe(weights, spec.q_lengths)
     return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
 
 
@@ -116,21 +120,27 @@ def sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
         q, k, scale=spec.scale, bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias, causal=spec.causal,
         window=spec.window, alibi_slopes=spec.alibi_slopes, q_lengths=spec.q_lengths, k_lengths=spec.k_lengths,
     )  # fmt: skip
+    if spec.probe is not None:
+        weights = spec.probe(weights, spec.q_lengths)
     return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
 
 
 # ---- fused backends ----------------------------------------------------------------------------------
 
 
-def _varlen(fn, q, k, v, spec: AttentionSpec, **kw) -> torch.Tensor:
-    """Run a flash-attn-style varlen function on a right-padded batch; padded rows come back 0."""
+def _varlen(fn, q, k, v, spec: AttentionSpec, **kw):
+    """Run a flash-attn-style varlen function on a right-padded batch; padded rows come back 0.
+    With return_attn_mass, also the mass as (B, H, Tq)."""
     q_lengths = spec.q_lengths if spec.q_lengths is not None else spec.k_lengths.new_full((q.shape[0],), q.shape[1])
     q_packed, index = unpad(q, q_lengths)
     k_packed, _ = unpad(k, spec.k_lengths)
     v_packed, _ = unpad(v, spec.k_lengths)
-    out = fn(q_packed, k_packed, v_packed, cu_seqlens(q_lengths), cu_seqlens(spec.k_lengths), q.shape[1], k.shape[1],
-             **kw)  # fmt: skip
-    return pad(out, index, q.shape[0], q.shape[1])
+    result = fn(q_packed, k_packed, v_packed, cu_seqlens(q_lengths), cu_seqlens(spec.k_lengths), q.shape[1],
+                k.shape[1], **kw)  # fmt: skip
+    if not kw.get("return_attn_mass"):
+        return pad(result, index, q.shape[0], q.shape[1])
+    out, mass = result  # mass: (H, total_q)
+    return pad(out, index, q.shape[0], q.shape[1]), pad(mass.T, index, q.shape[0], q.shape[1]).permute(0, 2, 1)
 
 
 try:  # optional extra: pip install 'attention-simulator[flash-attn]'
@@ -168,7 +178,14 @@ def flash_sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     """This repo's fused kernel: Triton on CUDA, the chunked O(T·block)-memory path on CPU.
     Padded batches run through its varlen path (no padding computed)."""
     kw = dict(softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window, alibi_slopes=spec.alibi_slopes,
-              sigmoid_bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias)  # fmt: skip
+              sigmoid_bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias,
+              return_attn_mass=spec.probe is not None)  # fmt: skip
     if spec.k_lengths is not None:
-        return _varlen(flash_sigmoid.flash_attn_varlen_func, q, k, v, spec, **kw)
-    return flash_sigmoid.flash_attn_func(q, k, v, **kw)
+        result = _varlen(flash_sigmoid.flash_attn_varlen_func, q, k, v, spec, **kw)
+    else:
+        result = flash_sigmoid.flash_attn_func(q, k, v, **kw)
+    if spec.probe is None:
+        return result
+    out, mass = result  # the kernel's per-row mass: what the diagnostics need, without the matrix
+    spec.probe.record_mass(mass, spec.q_lengths)
+    return out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DatasetUnavailableError
-from .loader import EpochBatchSampler, KeyedDataset, eval_batches, make_loader
+from .loader import EpochBatchSampler, KeyedDataset, eval_batches, make_loader, rows_source
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class ImageData:
         return {"images": torch.stack(images), "labels": torch.as_tensor(rows["label"], dtype=torch.long)}
 
     def _dataset(self, split: str, seed: int, train: bool) -> KeyedDataset:
-        return KeyedDataset(self.splits[split].with_format("torch"), lambda r, g: self._batch(r, g, train), seed)
+        return KeyedDataset(rows_source(self.splits[split]), lambda r, g: self._batch(r, g, train), seed)
 
     def train_loader(self, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
         dataset = self._dataset(self.source.train_split, seed, train=True)

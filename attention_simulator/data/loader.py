@@ -54,6 +54,32 @@ def eval_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int
     return [[(0, i) for i in mine[lo : lo + batch_size]] for lo in range(0, len(mine), batch_size)]
 
 
+IN_MEMORY_BYTES = 64 * 2**20
+
+
+class InMemoryRows:
+    """A small dataset's columns held as tensors (or lists), so a batch is an index rather
+    than a pass through 🤗 datasets' row formatting (≈15 ms per batch of digits)."""
+
+    def __init__(self, dataset):
+        self.columns = dataset.with_format("torch")[:]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        return {
+            k: v[indices] if isinstance(v, torch.Tensor) else [v[i] for i in indices] for k, v in self.columns.items()
+        }
+
+
+def rows_source(dataset):
+    """What KeyedDataset reads from: small datasets materialised once, large ones as they are."""
+    if dataset.data.nbytes <= IN_MEMORY_BYTES:
+        return InMemoryRows(dataset)
+    return dataset.with_format("torch")
+
+
 class KeyedDataset(Dataset):
     """Rows of `source` turned into a batch by `transform(rows, generators)`.
 

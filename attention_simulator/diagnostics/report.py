@@ -1,7 +1,13 @@
-"""End-of-run figures, drawn from the run's metrics.parquet (so they can be redrawn later)."""
+"""End-of-run figures, drawn from the run's metrics.parquet (so they can be redrawn later):
+
+report/curves.png     loss and the task's main metric, train and eval
+report/attention.png  per layer over steps: attention mass, attention-output norm, residual
+                      norm; and the global gradient norm (panels for what was recorded)
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -10,31 +16,74 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+LAYER_PANELS = [  # (key pattern with {layer}, title)
+    ("attn/{layer}/mass_mean", "attention mass Σ_j p_ij (mean over rows)"),
+    ("attn_out/{layer}/norm_mean", "attention output norm (mean over tokens)"),
+    ("resid/{layer}/norm_mean", "residual stream norm (mean over tokens)"),
+]
 
-def _curve(ax, frame: pd.DataFrame, key: str, label: str):
+
+def layer_columns(frame: pd.DataFrame, pattern: str) -> dict[int, str]:
+    """{layer index: column} for a pattern like 'attn/{layer}/mass_mean'."""
+    regex = re.compile(re.escape(pattern).replace(re.escape("{layer}"), r"block_(\d+)") + "$")
+    return {int(m.group(1)): c for c in frame.columns if (m := regex.match(c))}
+
+
+def _curve(ax, frame: pd.DataFrame, key: str, **style):
     if key in frame:
         rows = frame[["step", key]].dropna()
-        ax.plot(rows["step"], rows[key], marker="o" if key.startswith("eval/") else None, ms=3, label=label)
+        ax.plot(rows["step"], rows[key], **style)
 
 
 def write_report(run_dir: Path, main_metric: str) -> dict[str, float]:
-    """Write report/curves.png (loss and the task's main metric, train and eval); return the
-    final value of every metric."""
+    """Write the report figures; return the final value of every metric."""
     path = Path(run_dir) / "metrics.parquet"
     if not path.exists():
         return {}
     frame = pd.read_parquet(path)
     out = Path(run_dir) / "report"
     out.mkdir(exist_ok=True)
+    _curves(frame, main_metric, Path(run_dir).name, out / "curves.png")
+    _attention(frame, Path(run_dir).name, out / "attention.png")
+    return {k: frame[k].dropna().iloc[-1] for k in frame.columns if k != "step" and frame[k].notna().any()}
+
+
+def _curves(frame, main_metric, title, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     for ax, metric in zip(axes, ("loss", main_metric)):
-        _curve(ax, frame, f"train/{metric}", "train")
-        _curve(ax, frame, f"eval/{metric}", "eval")
+        _curve(ax, frame, f"train/{metric}", label="train")
+        _curve(ax, frame, f"eval/{metric}", label="eval", marker="o", ms=3)
         ax.set(xlabel="step", ylabel=metric, title=metric)
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_yscale("log")
-    fig.suptitle(Path(run_dir).name)
-    fig.savefig(out / "curves.png", dpi=120)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return {k: frame[k].dropna().iloc[-1] for k in frame.columns if k != "step" and frame[k].notna().any()}
+
+
+def _attention(frame, title, path):
+    panels = [(p, t) for p, t in LAYER_PANELS if layer_columns(frame, p)]
+    has_grad = "train/grad_norm" in frame
+    if not panels and not has_grad:
+        return
+    fig, axes = plt.subplots(1, len(panels) + has_grad, figsize=(4.6 * (len(panels) + has_grad), 3.8),
+                             squeeze=False, constrained_layout=True)  # fmt: skip
+    for ax, (pattern, panel_title) in zip(axes[0], panels):
+        columns = layer_columns(frame, pattern)
+        colors = plt.cm.viridis([i / max(1, len(columns) - 1) for i in range(len(columns))])
+        for color, (layer, column) in zip(colors, sorted(columns.items())):
+            _curve(ax, frame, column, color=color, label=f"block {layer}")
+        ax.set(xlabel="step", title=panel_title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if has_grad:
+        ax = axes[0][-1]
+        _curve(ax, frame, "train/grad_norm", label="before clipping")
+        _curve(ax, frame, "train/grad_norm_clipped", label="after clipping", ls="--")
+        ax.set(xlabel="step", title="global gradient norm", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

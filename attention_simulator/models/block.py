@@ -8,6 +8,7 @@ from torch import nn
 
 from ..attention import Attention, AttentionConfig
 from ..attention.norms import make_norm
+from ..diagnostics.probes import Probe
 from ..errors import ConfigError
 
 
@@ -90,12 +91,13 @@ class TransformerBlock(nn.Module):
         self.norm2, self.post_norm2, self.residual_norm2 = norm_if("pre", "hybrid"), norm_if("hybrid"), norm_if("post")
         self.mlp = Mlp(dim, int(dim * mlp_ratio), attention.proj_drop)
         self.ls2, self.drop_path2 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
+        self.mlp_probe, self.resid_probe = Probe("mlp_out"), Probe("resid")
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         h = self.post_norm1(self.attn(self.norm1(x), lengths=lengths))  # (B, T, C)
         x = self.residual_norm1(x + self.drop_path1(self.ls1(h)))
-        h = self.post_norm2(self.mlp(self.norm2(x)))  # (B, T, C)
-        return self.residual_norm2(x + self.drop_path2(self.ls2(h)))
+        h = self.post_norm2(self.mlp_probe(self.mlp(self.norm2(x)), lengths))  # (B, T, C)
+        return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), lengths)
 
 
 def init_weights(module: nn.Module, std: float = 0.02):

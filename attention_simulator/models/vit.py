@@ -8,6 +8,7 @@ from torch import nn
 
 from ..attention import AttentionConfig, sincos_2d
 from ..attention.norms import make_norm
+from ..diagnostics.probes import Probe
 from ..errors import ConfigError
 from .block import TransformerBlock, init_weights
 
@@ -57,6 +58,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = make_norm(norm_type, dim, "model.norm_type")
         self.head = nn.Linear(dim, num_classes)
+        self.logits_probe = Probe("logits")
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -76,4 +78,4 @@ class VisionTransformer(nn.Module):
             x = block(x)  # (B, T, D)
         x = self.norm(x)
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
-        return self.head(x)  # (B, num_classes)
+        return self.logits_probe(self.head(x))  # (B, num_classes)

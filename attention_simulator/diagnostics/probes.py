@@ -1,0 +1,107 @@
+"""Probes: identity modules placed where activations are worth watching.
+
+A probe does nothing unless a recorder (`Diagnostics`) is attached and recording; then it
+reduces its input -- and, through a tensor hook, the gradient flowing back through it -- to a
+few 0-d tensors on the input's device. Reductions are masked (no boolean indexing), so
+recording never waits for the device; the recorder moves everything to the host at once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+
+def _valid_rows(shape, lengths, device) -> torch.Tensor | None:
+    """(B, T) True at real rows of a right-padded batch, or None when nothing is padded."""
+    if lengths is None:
+        return None
+    return torch.arange(shape[1], device=device)[None, :] < lengths.to(device)[:, None]
+
+
+def _masked_stats(values: torch.Tensor, valid: torch.Tensor | None, prefix: str) -> dict[str, torch.Tensor]:
+    """mean / max / min of `values` over valid entries (valid broadcasts against values)."""
+    if valid is None:
+        low, high = torch.aminmax(values)
+        return {f"{prefix}_mean": values.mean(), f"{prefix}_max": high, f"{prefix}_min": low}
+    valid = valid.expand_as(values)
+    count = valid.sum().clamp(min=1)
+    return {
+        f"{prefix}_mean": (values * valid).sum() / count,
+        f"{prefix}_max": values.masked_fill(~valid, float("-inf")).amax(),
+        f"{prefix}_min": values.masked_fill(~valid, float("inf")).amin(),
+    }
+
+
+def token_stats(x: torch.Tensor, lengths=None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Norms of each token's vector: x (B, T, ...) or (B, C) -> norm mean / max / min and RMS."""
+    x = x.detach().float()
+    rows = x.flatten(2) if x.ndim >= 3 else x[:, None]  # (B, T, F)
+    norms = rows.norm(dim=-1)  # (B, T)
+    valid = _valid_rows(norms.shape, lengths, x.device)
+    stats = _masked_stats(norms, valid, f"{prefix}norm")
+    squares = norms.square() if valid is None else norms.square() * valid
+    count = norms.numel() if valid is None else valid.sum().clamp(min=1)
+    stats[f"{prefix}rms"] = (squares.sum() / (count * rows.shape[-1])).sqrt()
+    return stats
+
+
+def attention_stats(weights: torch.Tensor, lengths=None, entropy: bool = False) -> dict[str, torch.Tensor]:
+    """Row mass Σ_j p_ij (mean / max / min) of weights (B, H, Tq, Tk) -- or of a mass (B, H, Tq)
+    from a fused kernel -- and, for softmax, the mean row entropy."""
+    weights = weights.detach().float()
+    mass = weights.sum(-1) if weights.ndim == 4 else weights  # (B, H, Tq)
+    valid = _valid_rows((mass.shape[0], mass.shape[2]), lengths, mass.device)
+    valid = None if valid is None else valid[:, None, :]  # (B, 1, Tq)
+    stats = _masked_stats(mass, valid, "mass")
+    if entropy and weights.ndim == 4:
+        row_entropy = -(weights * weights.clamp(min=1e-30).log()).sum(-1)
+        stats["entropy_mean"] = _masked_stats(row_entropy, valid, "entropy")["entropy_mean"]
+    return stats
+
+
+class Probe(nn.Module):
+    """Identity on x (B, T, ...) that records `token_stats` of x and of its gradient."""
+
+    stats = staticmethod(token_stats)
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.key: str = kind
+        self.recorder = None  # set by Diagnostics.attach
+
+    @property
+    def active(self) -> bool:
+        return self.recorder is not None and self.recorder.active
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.active:
+            return x
+        self.recorder.record(self.key, self.stats(x, lengths))
+        if self.recorder.gradients and x.requires_grad:
+            x.register_hook(partial(self._record_grad, lengths))
+        return x
+
+    def _record_grad(self, lengths, grad):
+        self.recorder.record(self.key, token_stats(grad, lengths, prefix="grad_"))
+
+
+class AttentionProbe(Probe):
+    """Records attention mass (and entropy for softmax) of the weights matrix; fused sigmoid
+    backends hand it the per-row mass via `record_mass` instead. Its gradient statistics are
+    the norms of each row of dL/dP."""
+
+    def __init__(self, kind: str, entropy: bool):
+        super().__init__(kind)
+        self.stats = partial(attention_stats, entropy=entropy)
+
+    def record_mass(self, mass: torch.Tensor, lengths: torch.Tensor | None = None):
+        self.recorder.record(self.key, attention_stats(mass, lengths))
+
+    def _record_grad(self, lengths, grad):
+        norms = grad.detach().float().norm(dim=-1)  # (B, H, Tq): one per row of dL/dP
+        valid = _valid_rows((norms.shape[0], norms.shape[2]), lengths, norms.device)
+        self.recorder.record(self.key, _masked_stats(norms, None if valid is None else valid[:, None], "grad_norm"))

@@ -1,0 +1,100 @@
+"""Overlay runs (e.g. softmax vs sigmoid) for the key statistics.
+
+    python scripts/compare_runs.py RUN_DIR RUN_DIR ... [--out DIR]
+
+Reads each run's metrics.parquet and .hydra/config.yaml; writes DIR/compare.png (loss, eval
+metrics, and layer-averaged attention mass, attention-output norm and residual norm over steps,
+plus the gradient norm) and DIR/compare.md (final values, one row per run), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_simulator.diagnostics.report import LAYER_PANELS, layer_columns  # noqa: E402
+
+
+def load(run_dir: Path) -> tuple[str, pd.DataFrame]:
+    metrics = run_dir / "metrics.parquet"
+    if not metrics.exists():
+        raise SystemExit(f"error: {metrics} not found: is {run_dir} a run directory of attention_simulator.train?")
+    frame = pd.read_parquet(metrics)
+    config_path = run_dir / ".hydra" / "config.yaml"
+    label = run_dir.name
+    if config_path.exists():
+        config = yaml.safe_load(config_path.read_text())
+        label = f"{config.get('name', run_dir.name)} ({config['attention']['backend']})"
+    for pattern, _ in LAYER_PANELS:  # the mean over layers, one column per statistic
+        columns = list(layer_columns(frame, pattern).values())
+        if columns:
+            frame[pattern.replace("{layer}", "layer_mean")] = frame[columns].mean(axis=1, skipna=False)
+    return label, frame
+
+
+def statistics(frames: list[pd.DataFrame]) -> list[str]:
+    """The statistics every run recorded: losses and eval metrics, then the layer means."""
+    common = set.intersection(*(set(f.columns) for f in frames))
+    head = [k for k in ("train/loss", "eval/loss") if k in common]
+    head += sorted(k for k in common if k.startswith("eval/") and k != "eval/loss" and k.count("/") == 1)
+    layer_means = [p.replace("{layer}", "layer_mean") for p, _ in LAYER_PANELS]
+    return head + [k for k in layer_means if k in common] + [k for k in ("train/grad_norm",) if k in common]
+
+
+def final(frame: pd.DataFrame, key: str) -> float:
+    values = frame[key].dropna()
+    return float(values.iloc[-1]) if len(values) else float("nan")
+
+
+def markdown(labels: list[str], frames: list[pd.DataFrame], keys: list[str]) -> str:
+    rows = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for label, frame in zip(labels, frames):
+        rows.append(f"| {label} | " + " | ".join(f"{final(frame, k):.4g}" for k in keys) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(labels, frames, keys, path: Path):
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.5 * rows), squeeze=False, constrained_layout=True)
+    for ax, key in zip(axes.flat, keys):
+        for label, frame in zip(labels, frames):
+            points = frame[["step", key]].dropna()
+            ax.plot(points["step"], points[key], label=label, marker="o" if key.startswith("eval/") else None, ms=3)
+        ax.set(title=key, xlabel="step")
+        ax.grid(alpha=0.3)
+        if "loss" in key or "grad_norm" in key:
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, default=Path("."), help="where compare.png and compare.md go")
+    args = parser.parse_args(argv)
+    labels, frames = zip(*(load(run) for run in args.runs))
+    keys = statistics(list(frames))
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(labels, frames, keys, args.out / "compare.png")
+    table = markdown(list(labels), list(frames), keys)
+    (args.out / "compare.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out / 'compare.png'} and {args.out / 'compare.md'}")
+
+
+if __name__ == "__main__":
+    main()
