@@ -29,6 +29,12 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def build_model(cfg: DictConfig, model_args: dict) -> torch.nn.Module:
+    """The `model/` config with the `attention/` config and what the data decides (e.g. the
+    vocabulary size). A partial: instantiate would turn the AttentionConfig back into a node."""
+    return build(cfg.model, "model", _partial_=True)(attention=build(cfg.attention, "attention"), **model_args)
+
+
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
     """The optimizer from `optimizer/` (a partial) with the `schedule/` multiplier on its lr;
     no weight decay on biases, norms, LayerScale and embeddings."""
@@ -46,8 +52,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     trainer_cfg = build(cfg.trainer, "trainer")
     seed_everything(trainer_cfg.seed)
     data = build(cfg.data, "data")
-    # a partial: instantiate would turn the AttentionConfig dataclass back into a config node
-    model = build(cfg.model, "model", _partial_=True)(attention=build(cfg.attention, "attention"))
+    model = build_model(cfg, data.model_args)
     optimizer, learning_rate = build_optimizer(cfg, model)
     tracker = build(cfg.logger, "logger")(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
     diagnostics = Diagnostics(build(cfg.diagnostics, "diagnostics"), model)

@@ -157,6 +157,7 @@ class Trainer:
             device_metrics["train/loss_scale"] = self.loss_scale.scale
         device_metrics.update(self.diagnostics.pop())
         metrics = self._to_host(device_metrics)
+        metrics |= self.task.derived(metrics)
         self.pending.clear()
         metrics["train/steps_per_sec"] = steps_per_sec
         if self.learning_rate is not None:
@@ -174,20 +175,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Every evaluation loader (e.g. one per context length) -> eval/<metric><suffix>."""
         self.model.eval()
-        sums: dict[str, list] = {}
-        for i, batch in enumerate(self.data.eval_loader()):
-            # the first batch's activation statistics, recorded while evaluating
-            with self.autocast(), self.diagnostics.recording(i == 0, eval=True):
-                for k, (total, count) in self.task.eval_step(self.model, _to(batch, self.device)).items():
-                    acc = sums.setdefault(k, [0.0, 0])
-                    acc[0], acc[1] = acc[0] + total, acc[1] + count
-        self.model.train()
-        device_metrics = {
-            f"eval/{k}": torch.as_tensor(total, device=self.device) / count for k, (total, count) in sums.items()
-        }
+        device_metrics: dict[str, torch.Tensor] = {}
+        for suffix, loader in self.data.eval_loaders().items():
+            sums: dict[str, list] = {}
+            for i, batch in enumerate(loader):
+                # activation statistics of the main evaluation's first batch, recorded while evaluating
+                with self.autocast(), self.diagnostics.recording(i == 0 and not suffix, eval=True):
+                    for k, (total, count) in self.task.eval_step(self.model, _to(batch, self.device)).items():
+                        acc = sums.setdefault(k, [0.0, 0])
+                        acc[0], acc[1] = acc[0] + total, acc[1] + count
+            for k, (total, count) in sums.items():
+                device_metrics[f"eval/{k}{suffix}"] = torch.as_tensor(total, device=self.device) / count
         results = self._to_host(device_metrics | self.diagnostics.pop())
-        self.tracker.log(self.step, results)
+        results |= self.task.derived(results)
+        self.tracker.log(self.step, results | self.task.samples(self.model, self.data))
+        self.model.train()
         self.tracker.flush()
         return results
 
@@ -201,6 +205,7 @@ class Trainer:
             "loss_scale": optorch.state_dict(self.loss_scale) if self.scaler else None,
             "skipped_steps": self.skipped_steps,
             "data_position": self.batches_consumed,
+            "data": self.data.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -84,6 +84,12 @@ class AttentionConfig:
         for option, on in requested.items():
             self.require(option, on)
 
+    @property
+    def bias_depends_on_length(self) -> bool:
+        """True when b = −log(keys in the sequence): then every token's output depends on how
+        long the whole sequence is, so keys cached from a shorter prefix go stale."""
+        return self.sigmoid_bias == "auto" and self.bias_n == "max_length"
+
     def require(self, option: str, on: bool = True):
         """Raise unless the backend honours `option` (when it is switched on)."""
         if on and option not in BACKENDS[self.backend].supports:
@@ -91,6 +97,24 @@ class AttentionConfig:
                 f"attention.backend={self.backend!r} cannot honour {option}; backends that can: "
                 f"{backends_supporting(option)}. Switch the backend or turn the option off."
             )
+
+
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding, preallocated."""
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, device=None, dtype=None):
+        self.k = torch.zeros(batch, max_len, kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (B, t, Hk, D) keys and values; return all so far."""
+        end = self.length + k.shape[1]
+        if end > self.k.shape[1]:
+            raise ValueError(f"KV cache holds {self.k.shape[1]} tokens; {end} requested. Allocate a longer cache.")
+        self.k[:, self.length : end], self.v[:, self.length : end] = k, v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
 
 
 def _compact(b: torch.Tensor, heads: int) -> torch.Tensor:
@@ -196,14 +220,28 @@ class Attention(nn.Module):
         k, v = rearrange(qkv[..., q_size:], "b t (two h d) -> two b t h d", two=2, d=self.head_dim)
         return q, k, v
 
-    def forward(self, x, lengths=None, context=None, context_lengths=None) -> torch.Tensor:
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        if self.config.bias_depends_on_length:
+            raise ConfigError(
+                "A KV cache cannot reproduce attention.sigmoid_bias=auto with bias_n=max_length: b = −log(sequence "
+                "length) changes every cached key's layer output as the sequence grows. Recompute instead "
+                "(use_cache=false), or fix the bias: attention.bias_n=per_row or attention.sigmoid_bias=<a number>."
+            )
+        return KVCache(batch, max_len, self.kv_heads, self.head_dim, device, dtype)
+
+    def forward(self, x, lengths=None, context=None, context_lengths=None, cache: KVCache | None = None):
+        """With a `cache`, x holds the next tokens: queries attend to every cached key too (the
+        masks are bottom-right aligned, so this equals recomputing the whole prefix)."""
         if self.cross != (context is not None):
             raise ValueError("this Attention was built for " + ("cross" if self.cross else "self") + "-attention.")
         q, k, v = self.project(x, context)  # (B, Tq, H, D), (B, Tk, Hk, D) x 2
         k_lengths = context_lengths if self.cross else lengths
         q, k = self.q_norm(q), self.k_norm(k)
+        offset = 0 if cache is None else cache.length
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, offset + Tq, Hk, D)
         if self.log_temperature is not None:
             q = q * self.log_temperature.exp().reshape(-1, 1).to(q.dtype)  # scales every logit of the head
         tq, tk = q.shape[1], k.shape[1]

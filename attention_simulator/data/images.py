@@ -195,8 +195,13 @@ class ImageData:
         sampler = EpochBatchSampler(len(dataset), self.batch_size, seed, start, rank, world_size)
         return make_loader(dataset, sampler, self.num_workers)
 
-    def eval_loader(self, rank: int = 0, world_size: int = 1):
+    def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
+        """{"": the evaluation split's loader} (metrics eval/<name>)."""
         dataset = self._dataset(self.source.eval_split, 0, train=False)
-        return make_loader(
-            dataset, eval_batches(len(dataset), self.eval_batch_size, rank, world_size), self.num_workers
-        )
+        batches = eval_batches(len(dataset), self.eval_batch_size, rank, world_size)
+        return {"": make_loader(dataset, batches, self.num_workers)}
+
+    model_args: dict = {}  # the model's sizes come from this config by interpolation
+
+    def state_dict(self) -> dict:
+        return {}

@@ -93,8 +93,8 @@ class TransformerBlock(nn.Module):
         self.ls2, self.drop_path2 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
         self.mlp_probe, self.resid_probe = Probe("mlp_out"), Probe("resid")
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.post_norm1(self.attn(self.norm1(x), lengths=lengths))  # (B, T, C)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        h = self.post_norm1(self.attn(self.norm1(x), lengths=lengths, cache=cache))  # (B, T, C)
         x = self.residual_norm1(x + self.drop_path1(self.ls1(h)))
         h = self.post_norm2(self.mlp_probe(self.mlp(self.norm2(x)), lengths))  # (B, T, C)
         return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), lengths)

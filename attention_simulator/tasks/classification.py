@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import Task
 
-class ClassificationTask:
+
+class ClassificationTask(Task):
     """`training_step` returns (loss, metrics); `eval_step` returns metric sums and counts so
     the trainer can average exactly over any number of batches (and ranks)."""
 

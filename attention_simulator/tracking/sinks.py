@@ -52,6 +52,9 @@ class ConsoleSink:
         evals = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if evals:
             tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in evals.items()))
+        for key, text in metrics.items():
+            if isinstance(text, str):
+                tqdm.write(f"{key}: {text!r}")
 
     def flush(self):
         pass
@@ -78,8 +81,14 @@ class WandbSink:
             config=config,
             settings=wandb.Settings(silent=True, console="off"),
         )
+        self.wandb, self.texts = wandb, []
 
     def log(self, step: int, metrics: dict[str, float]):
+        texts = [(key, value) for key, value in metrics.items() if isinstance(value, str)]
+        if texts:  # one table of every text so far (step, key, text): W&B shows text best that way
+            self.texts += [[step, key, value] for key, value in texts]
+            table = self.wandb.Table(columns=["step", "key", "text"], data=self.texts)
+            metrics = {k: v for k, v in metrics.items() if not isinstance(v, str)} | {"samples/table": table}
         self.run.log(metrics, step=step)
 
     def flush(self):

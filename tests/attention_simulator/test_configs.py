@@ -59,8 +59,11 @@ def test_hub_datasets_offline_say_what_to_do(data, no_hub):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_smoke_runs(experiment, tmp_path):
-    accuracy = train(tmp_path, f"+experiment={experiment}", "trainer.max_steps=3", "data.batch_size=32")
-    assert 0.0 <= accuracy <= 1.0
+    final = train(tmp_path, f"+experiment={experiment}", "trainer.max_steps=3", "data.batch_size=32")
+    if experiment.startswith("vit"):
+        assert 0.0 <= final <= 1.0  # accuracy
+    else:  # bits per byte, about log2(257) bits for an untrained byte-level model
+        assert 0.0 < final < 10.0
     assert (tmp_path / "checkpoints" / "step_0000003.pt").exists()
 
 

@@ -65,7 +65,7 @@ def test_batches_are_a_function_of_position_not_of_history():
 
 def test_eval_images_are_the_normalised_pixels():
     data = digits_data()
-    batch = next(iter(data.eval_loader()))
+    batch = next(iter(data.eval_loaders()[""]))
     raw = torch.tensor(np.array(load_digits()["test"]["image"][:4]), dtype=torch.float32) / 16
     torch.testing.assert_close(batch["images"][:4, 0], (raw - 0.3) / 0.4)
 

@@ -1,0 +1,76 @@
+"""Sample text from a trained language model.
+
+    python -m attention_simulator.generate ckpt=RUN/checkpoints/step_0002000.pt prompt="The " [key=value ...]
+
+Options (configs/generate.yaml): max_new_tokens, temperature, top_k, top_p, stop, num_samples,
+seed, device, use_cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import load_checkpoint
+from .config import CONFIG_DIR
+from .data.tokenizers import tokenizer_from_json
+from .errors import CheckpointError, ConfigError
+from .generation import generate_text
+from .train import build_model
+
+
+def load_language_model(ckpt: Path, device: str = "cpu"):
+    """(model, tokenizer) of a language-model checkpoint, rebuilt from its run's config."""
+    ckpt = Path(ckpt).expanduser()
+    state = load_checkpoint(ckpt)
+    config_path = ckpt.parent.parent / ".hydra" / "config.yaml"
+    if not config_path.exists():
+        raise CheckpointError(
+            f"{str(config_path)!r} not found: ckpt must be inside a run directory (RUN/checkpoints/)."
+        )
+    tokenizer_state = state.get("data", {}).get("tokenizer")
+    if tokenizer_state is None:
+        raise ConfigError(f"{str(ckpt)!r} is not a language-model checkpoint (it has no tokenizer).")
+    tokenizer = tokenizer_from_json(tokenizer_state)
+    model = build_model(OmegaConf.load(config_path), {"vocab_size": tokenizer.vocab_size})
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer
+
+
+def sample(cfg: DictConfig) -> list[str]:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model, tokenizer = load_language_model(Path(cfg.ckpt), device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return [
+        generate_text(
+            model,
+            tokenizer,
+            cfg.prompt,
+            cfg.max_new_tokens,
+            stop=cfg.stop,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            use_cache=cfg.use_cache,
+            generator=generator,
+        )  # fmt: skip
+        for _ in range(cfg.num_samples)
+    ]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+def main(cfg: DictConfig):
+    try:
+        for text in sample(cfg):
+            print(cfg.prompt + text)
+    except ConfigError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Language modelling: next-token cross-entropy; loss, perplexity and bits per byte."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..generation import generate_text
+from .base import Task
+
+
+class LanguageModelingTask(Task):
+    """Bits per byte = Σ −log₂ p(target) / Σ UTF-8 bytes of the targets: comparable across
+    tokenizers (the end-of-document token has no bytes; its loss still counts)."""
+
+    main_metric = "bits_per_byte"
+
+    def __init__(self, sample_prompts: list[str] = (), sample_tokens: int = 64, sample_temperature: float = 0.0):
+        self.sample_prompts, self.sample_tokens = list(sample_prompts), sample_tokens
+        self.sample_temperature = sample_temperature
+
+    @staticmethod
+    def _nll(model: nn.Module, batch) -> torch.Tensor:
+        logits = model(batch["inputs"])  # (B, L, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")  # (B·L,)
+
+    def training_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nll = self._nll(model, batch)
+        loss = nll.mean()
+        bits_per_byte = nll.detach().sum() / (math.log(2) * batch["target_bytes"].sum().clamp(min=1))
+        return loss, {"loss": loss.detach(), "bits_per_byte": bits_per_byte}
+
+    @torch.no_grad()
+    def eval_step(self, model: nn.Module, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor | int]]:
+        nll = self._nll(model, batch)
+        return {
+            "loss": (nll.sum(), nll.numel()),
+            "bits_per_byte": (nll.sum() / math.log(2), batch["target_bytes"].sum()),
+        }
+
+    @staticmethod
+    def derived(metrics: dict[str, float]) -> dict[str, float]:
+        """Perplexity exp(loss) for every loss (train, eval and eval at each length)."""
+        return {
+            k.replace("loss", "perplexity"): math.exp(min(v, 700.0))
+            for k, v in metrics.items()
+            if k.rsplit("/", 1)[-1].startswith("loss") and isinstance(v, float)
+        }
+
+    def samples(self, model: nn.Module, data) -> dict[str, str]:
+        """A continuation of each sample prompt (logged at every evaluation)."""
+        return {
+            f"samples/{i}": prompt
+            + generate_text(
+                model, data.tokenizer, prompt, self.sample_tokens, temperature=self.sample_temperature
+            )  # fmt: skip
+            for i, prompt in enumerate(self.sample_prompts)
+        }

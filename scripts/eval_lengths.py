@@ -1,0 +1,54 @@
+"""Evaluate a trained run at several context lengths, optionally with attention options changed.
+
+    python scripts/eval_lengths.py RUN_DIR [--lengths 128 256 512] [--set attention.sigmoid_bias=-4.852 ...]
+
+Rebuilds the run from RUN_DIR/.hydra/config.yaml (plus the `--set` overrides, e.g. another
+sigmoid bias mode), loads its newest checkpoint and prints the evaluation at every length --
+so a bias mode can be compared beyond the training length without retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_simulator.checkpoint import latest_valid, load_checkpoint  # noqa: E402
+from attention_simulator.train import make_trainer  # noqa: E402
+
+QUIET = ["logger.wandb=false", "logger.parquet=false", "logger.console=false", "diagnostics.every_n_steps=0",
+         "task.sample_prompts=[]"]  # fmt: skip
+
+
+def evaluate(run_dir: Path, lengths: list[int] | None, overrides: list[str]) -> dict[str, float]:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = OmegaConf.merge(
+        cfg, OmegaConf.from_dotlist(QUIET + overrides + ([f"data.eval_seq_lens={lengths}"] if lengths else []))
+    )
+    checkpoint = latest_valid(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise SystemExit(f"error: no complete checkpoint in {run_dir / 'checkpoints'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(cfg, Path(tmp))
+        trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])
+        return trainer.evaluate()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a config override, key=value")
+    args = parser.parse_args()
+    results = evaluate(args.run_dir, args.lengths, args.overrides)
+    for key, value in sorted(results.items()):
+        if key.startswith(("eval/loss", "eval/bits_per_byte")):
+            print(f"{key:28s} {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()
