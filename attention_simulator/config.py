@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from pathlib import Path
 
 from hydra.errors import InstantiationException
@@ -27,8 +28,14 @@ def fraction_of(fraction: float, total: int) -> int:
     return round(float(fraction) * int(total))
 
 
-if not OmegaConf.has_resolver("fraction_of"):
-    OmegaConf.register_new_resolver("fraction_of", fraction_of)
+def neg_log(n: int) -> float:
+    """`${neg_log:${data.seq_len}}`: the sigmoid bias −log n fixed at the training length."""
+    return -math.log(int(n))
+
+
+for _name, _fn in {"fraction_of": fraction_of, "neg_log": neg_log}.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def _suggest(key: str, options) -> str:

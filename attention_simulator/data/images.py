@@ -201,7 +201,10 @@ class ImageData:
         batches = eval_batches(len(dataset), self.eval_batch_size, rank, world_size)
         return {"": make_loader(dataset, batches, self.num_workers)}
 
-    model_args: dict = {}  # the model's sizes come from this config by interpolation
+    @property
+    def model_args(self) -> dict:
+        """Nothing: the ViT configs take image size, channels and classes by interpolation."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

@@ -100,6 +100,11 @@ class TransformerBlock(nn.Module):
         return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), lengths)
 
 
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    """Stochastic depth grows linearly with depth, from 0 to `drop_path` (timm's schedule)."""
+    return [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+
+
 def init_weights(module: nn.Module, std: float = 0.02):
     """timm's ViT init: truncated-normal linear/embedding weights, zero biases, unit norms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -11,7 +11,7 @@ from ..attention import AttentionConfig, KVCache, sincos_1d
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
 from ..errors import ConfigError
-from .block import TransformerBlock, init_weights
+from .block import TransformerBlock, drop_path_rates, init_weights
 
 
 class DecoderLM(nn.Module):
@@ -46,11 +46,10 @@ class DecoderLM(nn.Module):
         else:
             table = sincos_1d(max_seq_len, dim)[None] if pos_embed == "sincos" else None
             self.register_buffer("pos_embed", table, persistent=False)
-        rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, causal=True, norm=norm,
                              norm_type=norm_type)
-            for rate in rates
+            for rate in drop_path_rates(drop_path, depth)
         )  # fmt: skip
         self.norm = make_norm(norm_type, dim, "model.norm_type")
         self.head = nn.Linear(dim, vocab_size, bias=False)

@@ -10,7 +10,7 @@ from ..attention import AttentionConfig, sincos_2d
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
 from ..errors import ConfigError
-from .block import TransformerBlock, init_weights
+from .block import TransformerBlock, drop_path_rates, init_weights
 
 
 class VisionTransformer(nn.Module):
@@ -51,10 +51,9 @@ class VisionTransformer(nn.Module):
         else:  # fixed, or none (zeros: e.g. when attention carries positions, RoPE / ALiBi)
             table = sincos_2d(grid, dim)[None] if pos_embed == "sincos" else torch.zeros(1, grid * grid, dim)
             self.register_buffer("pos_embed", table, persistent=False)
-        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type)
-            for rate in rates
+            for rate in drop_path_rates(drop_path, depth)
         )
         self.norm = make_norm(norm_type, dim, "model.norm_type")
         self.head = nn.Linear(dim, num_classes)

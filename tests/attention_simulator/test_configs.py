@@ -1,5 +1,6 @@
 """Every config composes and builds; every experiment smoke-runs; bad configs fail clearly."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 
 from attention_simulator.config import CONFIG_DIR, build
 from attention_simulator.errors import ConfigError, DatasetUnavailableError
-from attention_simulator.train import build_optimizer
+from attention_simulator.train import build_model, build_optimizer
 
 from .conftest import compose_config, train
 
@@ -41,6 +42,18 @@ def test_models_build_at_their_data_sizes(model):
         assert vit(images).shape == (2, cfg.data.num_classes)
     expected = {"vit_tiny": (0.1e6, 0.3e6), "vit_s16": (21e6, 23e6), "vit_b16": (85e6, 88e6)}[model]
     assert expected[0] < sum(p.numel() for p in vit.parameters()) < expected[1]
+
+
+@pytest.mark.parametrize("model", ["lm_tiny", "lm_small", "lm_1b"])
+def test_language_models_have_their_sizes(model):
+    cfg = compose_config("+experiment=lm_sigmoid", f"model={model}")
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised for real
+        lm = build_model(cfg, {"vocab_size": 50257})
+        assert lm(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 50257)
+    blocks = sum(p.numel() for p in lm.blocks.parameters())
+    expected = {"lm_tiny": (0.7e6, 0.9e6), "lm_small": (84e6, 86e6), "lm_1b": (1.2e9, 1.22e9)}[model]
+    assert expected[0] < blocks < expected[1]
+    assert lm.head.weight is lm.token_embedding.weight  # tied
 
 
 def test_digits_data_builds():
@@ -100,3 +113,9 @@ def test_bad_config_raises_config_error(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         train(tmp_path, override, "trainer.max_steps=1000")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_lm_sigmoid_bias_follows_the_training_length():
+    for seq_len in (128, 300):
+        cfg = compose_config("+experiment=lm_sigmoid", f"data.seq_len={seq_len}")
+        assert build(cfg.attention, "attention").sigmoid_bias == pytest.approx(-math.log(seq_len))
