@@ -41,24 +41,20 @@ def load_language_model(ckpt: Path, device: str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
+def _unescape(text: str | None) -> str | None:
+    """Command-line strings: `\\n` and `\\t` as typed mean a newline and a tab."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def sample(cfg: DictConfig) -> list[str]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tokenizer = load_language_model(Path(cfg.ckpt), device)
     generator = torch.Generator().manual_seed(cfg.seed)
+    options = dict(stop=_unescape(cfg.stop), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   use_cache=cfg.use_cache, generator=generator)  # fmt: skip
+    prompt = _unescape(cfg.prompt)
     return [
-        generate_text(
-            model,
-            tokenizer,
-            cfg.prompt,
-            cfg.max_new_tokens,
-            stop=cfg.stop,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            use_cache=cfg.use_cache,
-            generator=generator,
-        )  # fmt: skip
-        for _ in range(cfg.num_samples)
+        prompt + generate_text(model, tokenizer, prompt, cfg.max_new_tokens, **options) for _ in range(cfg.num_samples)
     ]
 
 
@@ -66,7 +62,7 @@ def sample(cfg: DictConfig) -> list[str]:
 def main(cfg: DictConfig):
     try:
         for text in sample(cfg):
-            print(cfg.prompt + text)
+            print(text)
     except ConfigError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(2)
