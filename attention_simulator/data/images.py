@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DatasetUnavailableError
 from .loader import EpochBatchSampler, KeyedDataset, eval_batches, make_loader, rows_source
+from .sources import load_from_hub, local_root
 
 
 @dataclass(frozen=True)
@@ -64,26 +64,13 @@ def load_image_dataset(name: str, path: str | None) -> datasets.DatasetDict:
     how_to = (
         f"Point data.path at a local copy: an imagefolder directory with {source.train_split}/ and "
         f"{source.eval_split}/ folders of class sub-folders, or a dataset saved with save_to_disk"
-        + (
-            f"; or download it once with network access: datasets.load_dataset({source.hub_id!r})."
-            if source.hub_id
-            else "."
-        )
     )
     if path is not None:
-        root = Path(path).expanduser()
-        if not root.exists():
-            raise DatasetUnavailableError(f"Dataset {name!r}: data.path={str(root)!r} does not exist. {how_to}")
+        root = local_root(name, path, how_to)
         if (root / "dataset_dict.json").exists():
             return datasets.load_from_disk(str(root))
         return datasets.load_dataset("imagefolder", data_dir=str(root))
-    try:
-        return datasets.load_dataset(source.hub_id)
-    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DatasetUnavailableError(
-            f"Dataset {name!r}: could not load {source.hub_id!r} from the Hugging Face Hub or its cache "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). {how_to}"
-        ) from e
+    return load_from_hub(name, source.hub_id, None, how_to)
 
 
 # ---- augmentation (per image, C×H×W float in [0, 1]) -----------------------------------------------

@@ -36,16 +36,43 @@ class EpochBatchSampler(Sampler[list[Key]]):
         self.start, self.rank, self.world_size = start, rank, world_size
         self.batches_per_epoch = num_items // global_batch
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The item order of an epoch; global batch i is its i-th slice of batch_size × world_size."""
+        g = torch.Generator().manual_seed(seed_for(self.seed, epoch))
+        return torch.randperm(self.num_items, generator=g).tolist()
+
     def __iter__(self) -> Iterator[list[Key]]:
-        batch, perm_epoch, perm = self.start, None, None
+        batch, order_epoch, order = self.start, None, None
         while True:
             epoch, i = divmod(batch, self.batches_per_epoch)
-            if epoch != perm_epoch:
-                g = torch.Generator().manual_seed(seed_for(self.seed, epoch))
-                perm, perm_epoch = torch.randperm(self.num_items, generator=g).tolist(), epoch
+            if epoch != order_epoch:
+                order, order_epoch = self.epoch_order(epoch), epoch
             lo = (i * self.world_size + self.rank) * self.batch_size
-            yield [(epoch, idx) for idx in perm[lo : lo + self.batch_size]]
+            yield [(epoch, idx) for idx in order[lo : lo + self.batch_size]]
             batch += 1
+
+
+class LengthGroupedBatchSampler(EpochBatchSampler):
+    """EpochBatchSampler whose batches hold items of similar length (little padding): each
+    epoch's permutation is cut into groups of `group_batches` global batches, each group is
+    sorted by length and cut into batches, and the batches are shuffled."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1, group_batches: int = 20):  # fmt: skip
+        super().__init__(len(lengths), batch_size, seed, start, rank, world_size)
+        self.lengths, self.group_batches = torch.as_tensor(lengths), group_batches
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        global_batch = self.batch_size * self.world_size
+        perm = torch.tensor(super().epoch_order(epoch)[: self.batches_per_epoch * global_batch])
+        group = global_batch * self.group_batches
+        # a stable sort of each group by length (longest first), keeping the shuffled order among ties
+        groups = [g[torch.argsort(self.lengths[g], descending=True, stable=True)] for g in perm.split(group)]
+        batches = torch.cat(groups).view(self.batches_per_epoch, global_batch)
+        shuffle = torch.randperm(
+            self.batches_per_epoch, generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, 1))
+        )
+        return batches[shuffle].flatten().tolist()
 
 
 def eval_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[Key]]:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DatasetUnavailableError
 from .loader import EpochBatchSampler, KeyedDataset, eval_batches, make_loader
+from .sources import load_from_hub, local_root
 from .tokenizers import build_tokenizer
 
 HUB = {  # name -> (Hub id, configuration, train split, validation split)
@@ -63,9 +64,7 @@ def load_text_dataset(name: str, path: str | None) -> datasets.DatasetDict:
         "'text' column) or a folder of .txt files (one document each)"
     )
     if path is not None:
-        root = Path(path).expanduser()
-        if not root.exists():
-            raise DatasetUnavailableError(f"Dataset {name!r}: data.path={str(root)!r} does not exist. {how_to}.")
+        root = local_root(name, path, how_to)
         if (root / "dataset_dict.json").exists():
             loaded = datasets.load_from_disk(str(root))
             return loaded if "validation" in loaded else _by_document(loaded["train"])
@@ -74,14 +73,7 @@ def load_text_dataset(name: str, path: str | None) -> datasets.DatasetDict:
             raise DatasetUnavailableError(f"Dataset {name!r}: no .txt files under data.path={str(root)!r}. {how_to}.")
         return _by_document(datasets.load_dataset("text", data_files=files, sample_by="document", split="train"))
     hub_id, config, train, validation = HUB[name]
-    try:
-        loaded = datasets.load_dataset(hub_id, config)
-    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DatasetUnavailableError(
-            f"Dataset {name!r}: could not load {hub_id!r} from the Hugging Face Hub or its cache "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). {how_to}; or download it once with network "
-            f"access: datasets.load_dataset({hub_id!r}{f', {config!r}' if config else ''})."
-        ) from e
+    loaded = load_from_hub(name, hub_id, config, how_to)
     if validation is None:
         return _by_document(loaded[train])
     return datasets.DatasetDict({"train": loaded[train], "validation": loaded[validation]})

@@ -73,10 +73,9 @@ def test_hub_datasets_offline_say_what_to_do(data, no_hub):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_smoke_runs(experiment, tmp_path):
     final = train(tmp_path, f"+experiment={experiment}", "trainer.max_steps=3", "data.batch_size=32")
-    if experiment.startswith("vit"):
-        assert 0.0 <= final <= 1.0  # accuracy
-    else:  # bits per byte, about log2(257) bits for an untrained byte-level model
-        assert 0.0 < final < 10.0
+    # accuracy; bits per byte (about log2(257) untrained); word error rate (insertions can pass 1)
+    low, high = {"vit": (0.0, 1.0), "lm": (0.1, 10.0), "asr": (0.0, 3.0)}[experiment.split("_")[0]]
+    assert low <= final <= high
     assert (tmp_path / "checkpoints" / "step_0000003.pt").exists()
 
 

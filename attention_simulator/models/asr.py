@@ -1,0 +1,121 @@
+"""CTC speech recogniser: log-mel frames -> conv subsampling (×4) -> transformer encoder
+(optionally with Conformer convolution modules) -> per-frame character log-probabilities."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import AttentionConfig, sincos_1d
+from ..attention.norms import make_norm
+from ..diagnostics.probes import Probe
+from ..errors import ConfigError
+from .block import TransformerBlock, drop_path_rates, init_weights
+
+
+def _real(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T, 1) float mask: 1 at real frames."""
+    return (torch.arange(length, device=lengths.device)[None, :] < lengths[:, None])[..., None].float()
+
+
+class ConvSubsampling(nn.Module):
+    """(B, T, n_mels) -> (B, T', dim) with T' = ((T − 1) // 2 − 1) // 2: two 3×3 convolutions
+    of stride 2 over time and frequency (as in the Conformer and ESPnet). Unpadded, so an
+    output frame sees only input frames inside its own utterance."""
+
+    def __init__(self, n_mels: int, dim: int, channels: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU()
+        )
+        self.out = nn.Linear(channels * (((n_mels - 1) // 2 - 1) // 2), dim)
+
+    @staticmethod
+    def output_lengths(lengths: torch.Tensor) -> torch.Tensor:
+        return ((lengths - 1) // 2 - 1) // 2
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv(x[:, None])  # (B, C, T', M')
+        x = self.out(x.permute(0, 2, 1, 3).flatten(2))  # (B, T', dim)
+        return x, self.output_lengths(lengths)
+
+
+class ConformerConvolution(nn.Module):
+    """The Conformer's convolution module (Gulati et al. 2020), a residual branch:
+    LayerNorm -> pointwise conv + GLU -> depthwise conv -> norm -> SiLU -> pointwise conv.
+    LayerNorm replaces BatchNorm so that an utterance's output does not depend on its batch or
+    its padding; padded frames are zeroed before the depthwise convolution for the same reason."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ConfigError(f"model.conv_kernel={kernel_size} must be odd (a centred depthwise convolution).")
+        self.norm = nn.LayerNorm(dim)
+        self.pointwise_in = nn.Linear(dim, 2 * dim)
+        self.depthwise = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.depthwise_norm = nn.LayerNorm(dim)
+        self.pointwise_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        h = F.glu(self.pointwise_in(self.norm(x)), dim=-1) * real  # (B, T, D), zero at padding
+        h = self.depthwise(h.transpose(1, 2)).transpose(1, 2)  # (B, T, D)
+        h = self.pointwise_out(F.silu(self.depthwise_norm(h)))
+        return x + h * real
+
+
+class SpeechRecognizer(nn.Module):
+    """features (B, T, n_mels), lengths (B,) -> (log-probs (B, T', vocab), lengths (B,))."""
+
+    def __init__(
+        self,
+        *,
+        n_mels: int,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        subsampling_channels: int = 64,
+        conv_kernel: int | None = None,
+        pos_embed: str = "none",
+        max_frames: int = 4096,
+        norm: str = "pre",
+        norm_type: str = "layernorm",
+        layer_scale: float | None = None,
+        drop_path: float = 0.0,
+        dropout: float = 0.1,
+        attention: AttentionConfig = AttentionConfig(),
+    ):
+        super().__init__()
+        if pos_embed not in ("none", "sincos"):
+            raise ConfigError(f"model.pos_embed={pos_embed!r}: use none (RoPE / ALiBi in attention) or sincos.")
+        self.subsampling = ConvSubsampling(n_mels, dim, subsampling_channels)
+        table = sincos_1d(max_frames, dim)[None] if pos_embed == "sincos" else None
+        self.register_buffer("pos_embed", table, persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type)
+            for rate in drop_path_rates(drop_path, depth)
+        )
+        convs = (ConformerConvolution(dim, conv_kernel) for _ in range(depth))
+        self.convs = nn.ModuleList(convs) if conv_kernel else None
+        self.norm = make_norm(norm_type, dim, "model.norm_type")
+        self.head = nn.Linear(dim, vocab_size)
+        self.logits_probe = Probe("logits")
+        self.apply(init_weights)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = self.subsampling(features, lengths)  # (B, T', D), (B,)
+        if self.pos_embed is not None:
+            if x.shape[1] > self.pos_embed.shape[1]:
+                raise ValueError(f"{x.shape[1]} frames exceed model.max_frames={self.pos_embed.shape[1]}.")
+            x = x + self.pos_embed[:, : x.shape[1]]
+        x = self.dropout(x)
+        real = _real(lengths, x.shape[1])  # (B, T', 1)
+        for i, block in enumerate(self.blocks):
+            x = block(x, lengths)  # (B, T', D)
+            if self.convs is not None:
+                x = self.convs[i](x, real)
+        logits = self.logits_probe(self.head(self.norm(x)), lengths)  # (B, T', V)
+        return logits.float().log_softmax(-1), lengths
