@@ -12,7 +12,9 @@ import inspect
 import math
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -33,7 +35,15 @@ def neg_log(n: int) -> float:
     return -math.log(int(n))
 
 
-for _name, _fn in {"fraction_of": fraction_of, "neg_log": neg_log}.items():
+def run_group(name: str) -> str:
+    """`${run_group:${name}}`: the W&B group, `name` alone, or `name/<sweep dir>` for the runs of a
+    multirun, so that each sweep is one group."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{name}/{Path(HydraConfig.get().sweep.dir).name}"
+    return name
+
+
+for _name, _fn in {"fraction_of": fraction_of, "neg_log": neg_log, "run_group": run_group}.items():
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 

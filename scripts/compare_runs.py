@@ -55,11 +55,17 @@ def final(frame: pd.DataFrame, key: str) -> float:
     return float(values.iloc[-1]) if len(values) else float("nan")
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; numbers to 4 significant digits."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]) + "\n"
+
+
 def markdown(labels: list[str], frames: list[pd.DataFrame], keys: list[str]) -> str:
-    rows = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for label, frame in zip(labels, frames):
-        rows.append(f"| {label} | " + " | ".join(f"{final(frame, k):.4g}" for k in keys) + " |")
-    return "\n".join(rows) + "\n"
+    return markdown_table(
+        ["run", *keys], [[label, *(final(frame, k) for k in keys)] for label, frame in zip(labels, frames)]
+    )
 
 
 def plot(labels, frames, keys, path: Path):

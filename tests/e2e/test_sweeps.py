@@ -1,0 +1,68 @@
+"""Hydra multirun sweeps (basic and submitit-local launchers) and the sweep results table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from attention_simulator.config import CONFIG_DIR
+
+from .test_train_command import run_train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import collect_sweep  # noqa: E402
+
+SWEEP = ["-m", "+experiment=vit_sigmoid", "attention.sigmoid_bias=-2,-6", "trainer.max_steps=4", "data.batch_size=32"]
+
+
+def final_accuracy(run_dir: Path) -> float:
+    return pd.read_parquet(run_dir / "metrics.parquet")["eval/accuracy"].dropna().iloc[-1]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_multirun_then_collect_sweep(tmp_path, launcher):
+    sweep_dir = tmp_path / "sweep"
+    extra = ["logger.wandb=true"] if launcher == "basic" else ["hydra/launcher=submitit_local"]
+    result = run_train(*SWEEP, *extra, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {b: sweep_dir / f"attention.sigmoid_bias={b},data.batch_size=32,trainer.max_steps=4" for b in (-2, -6)}
+    runs = {b: d if d.exists() else next(sweep_dir.glob(f"*sigmoid_bias={b}*")) for b, d in runs.items()}
+    assert all((d / "metrics.parquet").exists() for d in runs.values()), sorted(p.name for p in sweep_dir.iterdir())
+
+    table = collect_sweep.main([str(sweep_dir)])
+    assert list(table["attention.sigmoid_bias"]) == ["-6", "-2"]  # sorted by value; the only swept key
+    for bias, run_dir in runs.items():
+        row = table[table["attention.sigmoid_bias"] == str(bias)].iloc[0]
+        assert row["eval/accuracy"] == final_accuracy(run_dir) and row["step"] == 4
+    markdown = (sweep_dir / "sweep.md").read_text().splitlines()
+    assert markdown[0].startswith("| attention.sigmoid_bias | step | eval/loss | eval/accuracy")
+    assert len(pd.read_csv(sweep_dir / "sweep.csv")) == 2
+    with Image.open(sweep_dir / "sweep.png") as png:
+        assert png.size[0] > 300
+    if launcher == "basic":  # one W&B group for the sweep: name/<sweep dir>
+        log = next(runs[-2].glob("wandb/offline-run-*/run-*.wandb"))
+        dump = subprocess.run(["wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True)
+        records = [r["run"] for r in map(json.loads, dump.stdout.splitlines()) if r.get("type") == "run"]
+        groups = {run["run_group"] for run in records if "run_group" in run}
+        assert groups == {"vit_sigmoid/sweep"}
+
+
+@pytest.mark.parametrize("preset, swept", [
+    ("softmax_vs_sigmoid", {"attention": "softmax,sigmoid", "trainer.seed": "0,1,2"}),
+    ("sigmoid_bias", {"attention.sigmoid_bias": "-2,-4,-6,-8,auto", "trainer.seed": "0,1"}),
+    ("layerscale", {"model.layer_scale": "null,1e-1,1e-2,1e-4", "trainer.seed": "0,1"}),
+])  # fmt: skip
+def test_sweep_presets_are_multiruns(preset, swept):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=vit_sigmoid", f"+sweep={preset}"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and dict(cfg.hydra.sweeper.params) == swept
+
+
+def test_collect_sweep_says_when_there_is_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="no run directories"):
+        collect_sweep.main([str(tmp_path)])
