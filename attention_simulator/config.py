@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .distributed import launched_rank
 from .errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -43,7 +44,13 @@ def run_group(name: str) -> str:
     return name
 
 
-for _name, _fn in {"fraction_of": fraction_of, "neg_log": neg_log, "run_group": run_group}.items():
+def main_process(value, otherwise=None):
+    """`${main_process:A,B}`: A in the process that writes files (rank 0, or no torchrun), else B."""
+    return value if launched_rank() == 0 else otherwise
+
+
+RESOLVERS = {"fraction_of": fraction_of, "neg_log": neg_log, "run_group": run_group, "main_process": main_process}
+for _name, _fn in RESOLVERS.items():
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 

@@ -20,7 +20,9 @@ import optorch
 from .config import CONFIG_DIR, build, validate
 from .diagnostics import Diagnostics
 from .diagnostics.report import write_report
+from .distributed import World, from_main, join, leave
 from .errors import ConfigError
+from .tracking import Tracker
 from .trainer import Trainer
 
 
@@ -45,29 +47,49 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
     return factory(learning_rate=learning_rate, weight_decay_mask=mask), learning_rate
 
 
+def shared_run_dir(own: Path, world: World) -> Path:
+    """Rank 0's run directory, for every process. Under torchrun each process composed its own
+    (Hydra's ${now:} can tick between them); a process whose own differs removes it if empty."""
+    shared = Path(from_main(str(own)))
+    if world.is_main:
+        shared.mkdir(parents=True, exist_ok=True)
+    elif own != shared and own.is_dir() and not any(own.iterdir()):
+        own.rmdir()
+    return shared
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
-    """Build every component of a composed config into a ready Trainer."""
+    """Build every component of a composed config into a ready Trainer (one per process under
+    torchrun: only rank 0's writes files)."""
     validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trainer_cfg = build(cfg.trainer, "trainer")
+    world, trainer_cfg.device = join(trainer_cfg.device)
+    run_dir = shared_run_dir(run_dir, world)
     seed_everything(trainer_cfg.seed)
     data = build(cfg.data, "data")
     model = build_model(cfg, data.model_args)
     optimizer, learning_rate = build_optimizer(cfg, model)
-    tracker = build(cfg.logger, "logger")(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = build(cfg.logger, "logger")(run_dir=run_dir, config=config) if world.is_main else Tracker({})
     diagnostics = Diagnostics(build(cfg.diagnostics, "diagnostics"), model)
     return Trainer(
         trainer_cfg, task=build(cfg.task, "task"), model=model, optimizer=optimizer, data=data, tracker=tracker,
-        run_dir=run_dir, learning_rate=learning_rate, diagnostics=diagnostics,
+        run_dir=run_dir, learning_rate=learning_rate, diagnostics=diagnostics, world=world,
     )  # fmt: skip
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Train a composed config; return the final evaluation of the task's main metric."""
-    trainer = make_trainer(cfg, run_dir).fit()
-    final = write_report(run_dir, main_metric=trainer.task.main_metric)
-    print(f"run dir: {run_dir}")
-    return final.get(f"eval/{trainer.task.main_metric}", float("nan"))
+    """Train a composed config; return the final evaluation of the task's main metric (NaN on
+    processes other than rank 0)."""
+    try:
+        trainer = make_trainer(cfg, run_dir).fit()
+        if not trainer.world.is_main:
+            return float("nan")
+        final = write_report(trainer.run_dir, main_metric=trainer.task.main_metric)
+        print(f"run dir: {trainer.run_dir}")
+        return final.get(f"eval/{trainer.task.main_metric}", float("nan"))
+    finally:
+        leave()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

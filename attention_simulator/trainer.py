@@ -15,6 +15,7 @@ import optorch
 
 from . import checkpoint as ckpt
 from .diagnostics import Diagnostics, DiagnosticsConfig
+from .distributed import World, sum_across
 from .errors import ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,6 +38,7 @@ class TrainerConfig:
     seed: int = 0
     resume: str | None = None  # null | auto | PATH (a checkpoint file or a run directory)
     progress: bool = True
+    compile: bool = False  # torch.compile the model for training steps
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -59,13 +61,20 @@ def _to(batch, device):
 class Trainer:
     def __init__(
         self, config: TrainerConfig, *, task, model, optimizer, data, tracker, run_dir, learning_rate=None,
-        diagnostics: Diagnostics | None = None,
+        diagnostics: Diagnostics | None = None, world: World = World(),
     ):  # fmt: skip
-        self.cfg, self.task, self.data, self.tracker = config, task, data, tracker
+        self.cfg, self.task, self.data, self.tracker, self.world = config, task, data, tracker, world
         self.diagnostics = diagnostics or Diagnostics(DiagnosticsConfig(every_n_steps=0), model)
         self.run_dir = Path(run_dir)
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        # what training steps call: DDP all-reduces gradients in backward; compiled if asked
+        self.train_model = self.model
+        if world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
         self.params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
         clip = [optorch.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
         self.optimizer = optorch.chain(*clip, optimizer)
@@ -81,8 +90,10 @@ class Trainer:
 
     def fit(self):
         self.restore()
-        batches = iter(self.data.train_loader(seed=self.cfg.seed, start=self.batches_consumed))
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True)
+        loader = self.data.train_loader(self.cfg.seed, self.batches_consumed, self.world.rank, self.world.world_size)
+        batches = iter(loader)
+        show = self.cfg.progress and self.world.is_main
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not show, dynamic_ncols=True)
         self.model.train()
         end = (
             self.cfg.max_steps
@@ -119,12 +130,16 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         totals: dict[str, torch.Tensor] = {}
-        for _ in range(self.cfg.grad_accum):
-            with self.autocast():
-                loss, metrics = self.task.training_step(self.model, _to(next(batches), self.device))
+        for micro in range(self.cfg.grad_accum):
+            # DDP all-reduces gradients in the last micro-batch's backward only
+            last = micro == self.cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.world.distributed else self.train_model.no_sync()
+            with sync, self.autocast():
+                loss, metrics = self.task.training_step(self.train_model, _to(next(batches), self.device))
             self.batches_consumed += 1
             loss = loss / self.cfg.grad_accum
-            (self.scaler.scale(loss, self.loss_scale) if self.scaler else loss).backward()
+            with sync:
+                (self.scaler.scale(loss, self.loss_scale) if self.scaler else loss).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.grad_accum
         self.optimizer_step()
@@ -168,29 +183,33 @@ class Trainer:
         shown = ("train/loss", f"train/{self.task.main_metric}")
         bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4g}" for k in shown if k in metrics})
 
-    @staticmethod
-    def _to_host(device_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-        """All of a logging step's values (0-d tensors) in one device -> host transfer."""
-        return dict(zip(device_metrics, torch.stack(list(device_metrics.values())).tolist()))
+    def _to_host(self, device_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """All of a logging step's values (0-d tensors), averaged over processes, in one
+        device -> host transfer (and one all-reduce under DDP)."""
+        if not device_metrics:
+            return {}
+        values = sum_across(torch.stack([v.float() for v in device_metrics.values()])) / self.world.world_size
+        return dict(zip(device_metrics, values.tolist()))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Every evaluation loader (e.g. one per context length) -> eval/<metric><suffix>."""
         self.model.eval()
-        device_metrics: dict[str, torch.Tensor] = {}
-        for suffix, loader in self.data.eval_loaders().items():
-            sums: dict[str, list] = {}
+        sums: dict[str, list] = {}  # eval/<metric><suffix> -> [total, count] over this process's batches
+        for suffix, loader in self.data.eval_loaders(self.world.rank, self.world.world_size).items():
             for i, batch in enumerate(loader):
                 # activation statistics of the main evaluation's first batch, recorded while evaluating
                 with self.autocast(), self.diagnostics.recording(i == 0 and not suffix, eval=True):
                     for k, (total, count) in self.task.eval_step(self.model, _to(batch, self.device)).items():
-                        acc = sums.setdefault(k, [0.0, 0])
+                        acc = sums.setdefault(f"eval/{k}{suffix}", [0.0, 0])
                         acc[0], acc[1] = acc[0] + total, acc[1] + count
-            for k, (total, count) in sums.items():
-                device_metrics[f"eval/{k}{suffix}"] = torch.as_tensor(total, device=self.device) / count
-        results = self._to_host(device_metrics | self.diagnostics.pop())
+        # totals and counts summed over processes before dividing: exact means over the whole split
+        pairs = [torch.as_tensor(v, device=self.device, dtype=torch.float64) for pair in sums.values() for v in pair]
+        pairs = sum_across(torch.stack(pairs)).view(-1, 2)
+        results = dict(zip(sums, (pairs[:, 0] / pairs[:, 1]).tolist())) | self._to_host(self.diagnostics.pop())
         results |= self.task.derived(results)
-        self.tracker.log(self.step, results | self.task.samples(self.model, self.data))
+        samples = self.task.samples(self.model, self.data) if self.world.is_main else {}
+        self.tracker.log(self.step, results | samples)
         self.model.train()
         self.tracker.flush()
         return results
@@ -206,6 +225,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "data_position": self.batches_consumed,
             "data": self.data.state_dict(),
+            "world_size": self.world.world_size,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -214,6 +234,8 @@ class Trainer:
         }
 
     def save_checkpoint(self):
+        if not self.world.is_main:
+            return
         directory = self.run_dir / "checkpoints"
         ckpt.save_checkpoint(ckpt.checkpoint_path(directory, self.step), self.state_dict())
         ckpt.prune(directory, self.cfg.keep_checkpoints)
@@ -242,7 +264,13 @@ class Trainer:
         if self.scaler and state["loss_scale"] is not None:
             self.loss_scale = optorch.load_state_dict(self.loss_scale, state["loss_scale"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        self.batches_consumed = state["data_position"]
+        self.batches_consumed = state["data_position"]  # global batches: each process drew one of each
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world.world_size and self.world.is_main:
+            tqdm.write(
+                f"resuming a {saved_world}-process run in {self.world.world_size}: the data continues at global batch "
+                f"{self.batches_consumed}; it is the same data only if data.batch_size × processes is unchanged."
+            )
         if self.tracker.parquet:
             self.tracker.parquet.resume(self.step)
         torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,73 @@
+"""torchrun / DDP: joining the process group, which process writes, cross-process reductions.
+
+`torchrun --nproc_per_node=N -m attention_simulator.train ...` starts N copies of the entry
+point with RANK, LOCAL_RANK and WORLD_SIZE set; each joins one process group (NCCL on CUDA,
+gloo on CPU), trains on its slice of every global batch, and only rank 0 writes files.
+Without torchrun everything here is a no-op for a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """The process that logs, checkpoints and writes reports."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun); readable before joining."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def join(device: str) -> tuple[World, str]:
+    """Join torchrun's process group, if launched by it; returns the world and this process's
+    device (`cuda` becomes `cuda:LOCAL_RANK`)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World(), device
+    world = World(launched_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world, device
+
+
+def leave():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over processes (in place); the tensor itself for a world of one."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def from_main(value):
+    """Rank 0's value of a picklable object, on every process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
