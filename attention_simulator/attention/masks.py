@@ -6,10 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
+def real_positions(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) True at the positions a right-padded batch really holds."""
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def unpad(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, T, ...) with sequence b in its first lengths[b] rows -> (packed (total, ...), index)."""
-    real = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, T)
-    index = real.flatten().nonzero().squeeze(1)
+    index = real_positions(lengths, x.shape[1]).flatten().nonzero().squeeze(1)
     return x.flatten(0, 1)[index], index
 
 

@@ -8,15 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionConfig, sincos_1d
+from ..attention.masks import real_positions
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
 from ..errors import ConfigError
 from .block import TransformerBlock, drop_path_rates, init_weights
-
-
-def _real(lengths: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, T, 1) float mask: 1 at real frames."""
-    return (torch.arange(length, device=lengths.device)[None, :] < lengths[:, None])[..., None].float()
 
 
 class ConvSubsampling(nn.Module):
@@ -112,7 +108,7 @@ class SpeechRecognizer(nn.Module):
                 raise ValueError(f"{x.shape[1]} frames exceed model.max_frames={self.pos_embed.shape[1]}.")
             x = x + self.pos_embed[:, : x.shape[1]]
         x = self.dropout(x)
-        real = _real(lengths, x.shape[1])  # (B, T', 1)
+        real = real_positions(lengths, x.shape[1])[..., None].to(x.dtype)  # (B, T', 1): 1 at real frames
         for i, block in enumerate(self.blocks):
             x = block(x, lengths)  # (B, T', D)
             if self.convs is not None:

@@ -30,8 +30,10 @@ def test_multirun_then_collect_sweep(tmp_path, launcher):
     extra = ["logger.wandb=true"] if launcher == "basic" else ["hydra/launcher=submitit_local"]
     result = run_train(*SWEEP, *extra, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = {b: sweep_dir / f"attention.sigmoid_bias={b},data.batch_size=32,trainer.max_steps=4" for b in (-2, -6)}
-    runs = {b: d if d.exists() else next(sweep_dir.glob(f"*sigmoid_bias={b}*")) for b, d in runs.items()}
+    # each run is named by its overrides, sorted by key (the experiment and the launcher left out)
+    wandb = ",logger.wandb=True" if launcher == "basic" else ""
+    name = "attention.sigmoid_bias={},data.batch_size=32" + wandb + ",trainer.max_steps=4"
+    runs = {b: sweep_dir / name.format(b) for b in (-2, -6)}
     assert all((d / "metrics.parquet").exists() for d in runs.values()), sorted(p.name for p in sweep_dir.iterdir())
 
     table = collect_sweep.main([str(sweep_dir)])
