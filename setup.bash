@@ -18,6 +18,7 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$("$PYTHON" -c 'import torch; print(torch.__version__)')" >"$constraints"
 echo "setup: installing attention-simulator in editable mode with the dev extra"
-"$PYTHON" -m pip install -q -c "$constraints" -e ".[dev]"
+# constraints-dev.txt pins the test and lint tools, so every fresh environment tests alike
+"$PYTHON" -m pip install -q -c "$constraints" -c constraints-dev.txt -e ".[dev]"
 
 echo "setup: done. Next: python -m pytest -q"

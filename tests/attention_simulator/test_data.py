@@ -1,5 +1,7 @@
 """Batching is reproducible and resumable; digits is the real dataset; augmentation is sane."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -20,10 +22,14 @@ def test_digits_is_sklearn_digits_with_a_fixed_disjoint_split():
     splits = load_digits()
     assert (len(splits["train"]), len(splits["test"])) == (1437, 360)
     images, labels = sk_digits(return_X_y=True)
-    all_rows = {tuple(r) for r in images.astype("uint8")}
     train = np.array(splits["train"]["image"]).reshape(-1, 64)
     test = np.array(splits["test"]["image"]).reshape(-1, 64)
-    assert {tuple(r) for r in train} | {tuple(r) for r in test} <= all_rows
+    # a partition: every one of the 1797 images (with its label) in exactly one split
+    everything = Counter(zip(map(tuple, images.astype("uint8")), labels.tolist()))
+    parts = [
+        Counter(zip(map(tuple, x), split["label"])) for x, split in ((train, splits["train"]), (test, splits["test"]))
+    ]
+    assert parts[0] + parts[1] == everything
     assert np.bincount(splits["test"]["label"]).min() >= 35  # stratified: every digit is tested
     assert load_digits()["test"]["label"] == splits["test"]["label"]  # fixed
 
@@ -80,4 +86,4 @@ def test_random_resized_crop_and_center_crop():
     assert torch.equal(full, img[:, :16, :16])  # the whole image at its own size is untouched
     center = center_crop(img, 20, crop_fraction=1.0)  # shorter side 40 -> 20: a 2x downscale
     assert center.shape == (3, 20, 20)
-    assert center.mean() == pytest.approx(img[:, :, 10:50].mean(), rel=1e-3)
+    assert center.mean().item() == pytest.approx(img[:, :, 10:50].mean().item(), rel=1e-3)
