@@ -2,7 +2,8 @@
 
 `learning_rate` is a float or a schedule `step -> learning rate`. `weight_decay_mask` (a dict
 name -> bool, or a callable params -> dict) restricts weight decay, e.g. to
-`optorch.default_weight_decay_mask(model.named_parameters())`.
+`optorch.default_weight_decay_mask(model)`. Arguments torch.optim rejects raise the same
+`ValueError` here.
 """
 
 from __future__ import annotations
@@ -37,6 +38,25 @@ def _negate(maximize: bool):
     return scale(-1.0) if maximize else None
 
 
+def _check(**bounds):
+    """torch.optim's argument checks: name=(value, low, high, high_inclusive) with low inclusive."""
+    for name, (value, low, high, high_inclusive) in bounds.items():
+        if value is None or callable(value):
+            continue
+        above = value > high if high_inclusive else value >= high
+        if value < low or above:
+            interval = f"[{low}, {high}{']' if high_inclusive else ')'}"
+            raise ValueError(f"Invalid {name}: {value} (must be in {interval}).")
+
+
+INF = float("inf")
+
+
+def _adam_checks(learning_rate, b1, b2, eps, weight_decay):
+    _check(learning_rate=(learning_rate, 0, INF, True), eps=(eps, 0, INF, True), b1=(b1, 0, 1, False),
+           b2=(b2, 0, 1, False), weight_decay=(weight_decay, 0, INF, True))  # fmt: skip
+
+
 def sgd(
     learning_rate: LearningRate,
     momentum: float = 0.0,
@@ -47,6 +67,10 @@ def sgd(
     weight_decay_mask: Mask | None = None,
 ) -> GradientTransformation:
     """torch.optim.SGD: L2 weight decay added to the gradient, then momentum, then the step."""
+    _check(learning_rate=(learning_rate, 0, INF, True), momentum=(momentum, 0, INF, True),
+           weight_decay=(weight_decay, 0, INF, True))  # fmt: skip
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening (as torch.optim.SGD).")
     return _compose(
         _negate(maximize),
         _decay(weight_decay, weight_decay_mask),
@@ -66,6 +90,7 @@ def adam(
     weight_decay_mask: Mask | None = None,
 ) -> GradientTransformation:
     """torch.optim.Adam: weight decay is L2 (added to the gradient before the moments)."""
+    _adam_checks(learning_rate, b1, b2, eps, weight_decay)
     return _compose(
         _negate(maximize),
         _decay(weight_decay, weight_decay_mask),
@@ -85,6 +110,7 @@ def adamw(
     weight_decay_mask: Mask | None = None,
 ) -> GradientTransformation:
     """torch.optim.AdamW: decoupled weight decay, p ← p − lr·(adam + wd·p)."""
+    _adam_checks(learning_rate, b1, b2, eps, weight_decay)
     return _compose(
         _negate(maximize),
         scale_by_adam(b1, b2, eps, amsgrad),
@@ -102,6 +128,7 @@ def lamb(
     weight_decay_mask: Mask | None = None,
 ) -> GradientTransformation:
     """LAMB (You et al. 2019): Adam direction + decoupled decay, scaled by ‖p‖ / ‖update‖."""
+    _adam_checks(learning_rate, b1, b2, eps, weight_decay)
     return _compose(
         scale_by_adam(b1, b2, eps),
         _decay(weight_decay, weight_decay_mask),
@@ -121,6 +148,11 @@ def lars(
     trust_ratio_mask: Mask | None = None,
 ) -> GradientTransformation:
     """LARS (You et al. 2017): local lr η·‖p‖ / ‖g + wd·p‖, then momentum on lr-scaled steps."""
+    _check(learning_rate=(learning_rate, 0, INF, True), momentum=(momentum, 0, INF, True),
+           weight_decay=(weight_decay, 0, INF, True), trust_coefficient=(trust_coefficient, 0, INF, True),
+           eps=(eps, 0, INF, True))  # fmt: skip
+    if nesterov and momentum <= 0:
+        raise ValueError("Nesterov momentum requires a momentum (as torch.optim.SGD).")
     trust = scale_by_trust_ratio(trust_coefficient, eps)
     return _compose(
         _decay(weight_decay, weight_decay_mask),
@@ -138,6 +170,8 @@ def lion(
     weight_decay_mask: Mask | None = None,
 ) -> GradientTransformation:
     """Lion (Chen et al. 2023) with decoupled weight decay."""
+    _check(learning_rate=(learning_rate, 0, INF, True), b1=(b1, 0, 1, True), b2=(b2, 0, 1, True),
+           weight_decay=(weight_decay, 0, INF, True))  # fmt: skip
     return _compose(
         scale_by_lion(b1, b2),
         _decay(weight_decay, weight_decay_mask),

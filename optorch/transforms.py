@@ -1,17 +1,20 @@
 """Gradient transformations: the building blocks every named optimizer is composed of.
 
 Each returns a `GradientTransformation`. Updates are modified in place (see `optorch.base`);
-states are NamedTuples of tensors and dicts of tensors keyed by parameter name. Step counters
-are int64 tensors on the CPU, so reading them for bias corrections never syncs a GPU.
+states are NamedTuples of tensors and dicts of tensors keyed by parameter name. `updates` may
+hold a subset of the parameters (the others had no gradient): only those, and their state, are
+touched. Step counters are int64 tensors on the CPU, so reading them for bias corrections never
+syncs a GPU; moment transforms count steps per parameter, as torch.optim does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .base import (
     GradientTransformation,
@@ -32,6 +35,10 @@ def _zeros_like(params: Params) -> dict[str, torch.Tensor]:
 
 def _step_counter() -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64)
+
+
+def _step_counters(params: Params) -> dict[str, torch.Tensor]:
+    return {k: _step_counter() for k in params}
 
 
 def _require_params(params, who: str):
@@ -105,7 +112,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule, flip_sign: bool = Tr
 
 @register_state
 class ScaleByAdamState(NamedTuple):
-    count: torch.Tensor
+    count: dict[str, torch.Tensor]  # steps each parameter has taken (its bias correction)
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
     max_exp_avg_sq: dict[str, torch.Tensor]  # empty unless amsgrad
@@ -123,11 +130,11 @@ def scale_by_adam(
 
     def init(params):
         return ScaleByAdamState(
-            _step_counter(), _zeros_like(params), _zeros_like(params), _zeros_like(params) if amsgrad else {}
+            _step_counters(params), _zeros_like(params), _zeros_like(params), _zeros_like(params) if amsgrad else {}
         )
 
     def update(updates, state, params=None):
-        keys = list(state.exp_avg)
+        keys = list(updates)
         g = [updates[k] for k in keys]
         m = [state.exp_avg[k] for k in keys]
         v = [state.exp_avg_sq[k] for k in keys]
@@ -138,32 +145,34 @@ def scale_by_adam(
             v_max = [state.max_exp_avg_sq[k] for k in keys]
             torch._foreach_maximum_(v_max, v)
             v = v_max
-        step = int(state.count.add_(1))
-        bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
+        counts = [state.count[k] for k in keys]
+        torch._foreach_add_(counts, 1)
+        bc1, bc2 = zip(*((1.0 - b1**step, 1.0 - b2**step) for step in map(int, counts)))
         # m̂ / (√v̂ + eps) = m / (bc1/√bc2 · √v + bc1 · eps)
-        out = _div_by_affine_sqrt(g, m, v, bc1 / math.sqrt(bc2), bc1 * eps)
+        alphas = [c1 / math.sqrt(c2) for c1, c2 in zip(bc1, bc2)]
+        out = _div_by_affine_sqrt(g, m, v, alphas, [c1 * eps for c1 in bc1])
         return dict(zip(keys, out)), state
 
     return GradientTransformation(init, update, _check_state_dict("exp_avg"))
 
 
-def _div_by_affine_sqrt(out, num, den_sq, alpha: float, shift: float):
-    """num / (alpha·√den_sq + shift), written into `out`'s storage where that saves a pass."""
+def _div_by_affine_sqrt(out, num, den_sq, alphas: list[float], shifts: list[float]):
+    """num / (alpha·√den_sq + shift) per tensor, written into `out`'s storage where that saves a pass."""
     if out and out[0].device.type == "cpu":
         # CPU foreach ops are per-tensor loops anyway; with out= this is three passes over
         # memory and no allocation, which is what keeps AdamW at torch.optim's speed.
-        shifts = {}
-        for o, n, d in zip(out, num, den_sq):
-            s = shifts.get(o.dtype)
+        shift_tensors = {}
+        for o, n, d, alpha, shift in zip(out, num, den_sq, alphas, shifts):
+            s = shift_tensors.get((o.dtype, shift))
             if s is None:
-                s = shifts[o.dtype] = torch.tensor(shift, dtype=o.dtype)
+                s = shift_tensors[o.dtype, shift] = torch.tensor(shift, dtype=o.dtype)
             torch.sqrt(d, out=o)
             torch.add(s, o, alpha=alpha, out=o)
             torch.div(n, o, out=o)
         return out
     denom = torch._foreach_sqrt(den_sq)
-    torch._foreach_mul_(denom, alpha)
-    torch._foreach_add_(denom, shift)
+    torch._foreach_mul_(denom, alphas)
+    torch._foreach_add_(denom, shifts)
     return torch._foreach_div(num, denom)
 
 
@@ -179,7 +188,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         return ScaleByLionState(_zeros_like(params))
 
     def update(updates, state, params=None):
-        keys = list(state.exp_avg)
+        keys = list(updates)
         g = [updates[k] for k in keys]
         m = [state.exp_avg[k] for k in keys]
         direction = torch._foreach_lerp(m, g, 1.0 - b1)
@@ -192,7 +201,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
 
 @register_state
 class TraceState(NamedTuple):
-    count: torch.Tensor
+    count: dict[str, torch.Tensor]  # steps each parameter has taken (its first copies the update)
     momentum_buffer: dict[str, torch.Tensor]
 
 
@@ -202,18 +211,22 @@ def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> Gradi
         raise ValueError("nesterov momentum needs momentum > 0 and dampening == 0 (as torch.optim.SGD).")
 
     def init(params):
-        return TraceState(_step_counter(), _zeros_like(params))
+        return TraceState(_step_counters(params), _zeros_like(params))
 
     def update(updates, state, params=None):
-        keys = list(state.momentum_buffer)
+        keys = list(updates)
+        started = [int(state.count[k]) > 0 for k in keys]
+        torch._foreach_add_([state.count[k] for k in keys], 1)
+        # torch.optim.SGD starts a parameter's buffer as a copy of its first gradient
+        new, old = ([k for k, s in zip(keys, started) if s == flag] for flag in (False, True))
+        if new:
+            torch._foreach_copy_([state.momentum_buffer[k] for k in new], [updates[k] for k in new])
+        if old:
+            buf = [state.momentum_buffer[k] for k in old]
+            torch._foreach_mul_(buf, decay)
+            torch._foreach_add_(buf, [updates[k] for k in old], alpha=1.0 - dampening)
         g = [updates[k] for k in keys]
         buf = [state.momentum_buffer[k] for k in keys]
-        if int(state.count) == 0:
-            torch._foreach_copy_(buf, g)
-        else:
-            torch._foreach_mul_(buf, decay)
-            torch._foreach_add_(buf, g, alpha=1.0 - dampening)
-        state.count.add_(1)
         if nesterov:
             torch._foreach_add_(g, buf, alpha=decay)
         else:
@@ -320,10 +333,11 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
 
     def selected(updates, params):
         m = _resolve(mask, params, "masked (callable mask)")
-        if m.keys() != updates.keys():
+        if (params is not None and m.keys() != params.keys()) or not updates.keys() <= m.keys():
+            every = updates.keys() | (params or {}).keys()
             raise ValueError(
-                f"mask keys differ from the parameters: missing {sorted(updates.keys() - m.keys())[:5]}, "
-                f"unexpected {sorted(m.keys() - updates.keys())[:5]}; give one boolean per parameter."
+                f"mask keys differ from the parameters: missing {sorted(every - m.keys())[:5]}, "
+                f"unexpected {sorted(m.keys() - every)[:5]}; give one boolean per parameter."
             )
         return [k for k in updates if m[k]]
 
@@ -356,7 +370,7 @@ def multi_transform(
 
     def groups(tree, params):
         labels = _resolve(param_labels, params, "multi_transform (callable labels)")
-        if labels.keys() != tree.keys():
+        if not tree.keys() <= labels.keys():
             raise ValueError(
                 f"param_labels keys differ from the parameters: missing "
                 f"{sorted(tree.keys() - labels.keys())[:5]}; label every parameter."
@@ -388,18 +402,17 @@ def multi_transform(
     return GradientTransformation(init, update, check)
 
 
-def default_weight_decay_mask(
-    named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-) -> dict[str, bool]:
-    """True for parameters that should be weight-decayed: matrices, not embeddings.
+# layers whose weight is a matrix mapping features to features: the weights weight decay is for
+DECAYED_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d)  # fmt: skip
 
-    Biases, norm weights and LayerScale gains (ndim < 2) are excluded, and so is any parameter
-    whose own name or module name contains "embed" or "token" (position embeddings, the class
-    token, token embeddings) -- but not e.g. `patch_embed.proj.weight`, a plain projection.
-    """
-    items = named_params.items() if isinstance(named_params, Mapping) else named_params
-    out = {}
-    for name, p in items:
-        owner = name.split(".")[-2:]
-        out[name] = p.ndim >= 2 and not any(word in part for part in owner for word in ("embed", "token"))
-    return out
+
+def default_weight_decay_mask(model: nn.Module) -> dict[str, bool]:
+    """Weight decay by module type: True for the weights of linear and convolution layers,
+    False for everything else -- biases, normalisation gains, embedding tables (also when tied
+    to an output layer), LayerScale gains, and position tables, class tokens or learned scalars
+    held directly as parameters. Keys are `model.named_parameters()`'s names."""
+    layers = [m for m in model.modules() if isinstance(m, DECAYED_LAYERS)]
+    embeddings = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    decayed = {id(m.weight) for m in layers} - {id(p) for m in embeddings for p in m.parameters()}
+    return {name: id(p) in decayed for name, p in model.named_parameters()}

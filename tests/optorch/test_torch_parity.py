@@ -122,3 +122,76 @@ def test_param_groups_match_torch_groups():
     )
     ours, _ = run_optorch(grouped, STEPS)
     assert_same(ours, theirs)
+
+
+# ---- parameters without a gradient --------------------------------------------------------------
+
+SPARSE = {  # parameter -> the steps on which it gets no gradient
+    "embed": set(range(STEPS)),  # never used (a frozen or unused parameter)
+    "w1": {s for s in range(STEPS) if s % 3 == 1},  # used on some steps only
+    "conv": {0, 1, 2},  # first used at step 3: momentum and bias corrections start there
+}
+NO_GRAD_CASES = {
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), lambda: optorch.adamw(0.01, weight_decay=0.1)),
+    "adam_amsgrad": (
+        lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True, weight_decay=0.05),
+        lambda: optorch.adam(0.01, amsgrad=True, weight_decay=0.05),
+    ),  # fmt: skip
+    "sgd_nesterov": (
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda: optorch.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    ),  # fmt: skip
+    "sgd_clipped": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5), lambda: optorch.sgd(0.05, momentum=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", NO_GRAD_CASES)
+def test_parameters_without_gradients_are_left_alone_as_torch_does(name):
+    """torch.optim skips a parameter whose .grad is None (no step, no decay, no state change);
+    optorch does the same for a parameter missing from the grads dict."""
+    make_torch, make_ours = NO_GRAD_CASES[name]
+    clip = 0.5 if name.endswith("clipped") else None
+    theirs, ours = make_params(), make_params()
+    initial = {k: p.detach().clone() for k, p in ours.items()}
+    torch_opt = make_torch(list(theirs.values()))
+    opt = optorch.chain(*([optorch.clip_by_global_norm(clip)] if clip else []), make_ours())
+    state = opt.init(ours)
+    for step in range(STEPS):
+        grads = {k: g for k, g in grads_of(theirs).items() if step not in SPARSE.get(k, ())}
+        for k, p in theirs.items():
+            p.grad = grads.get(k)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(list(theirs.values()), clip)
+        torch_opt.step()
+        ours_grads = {k: g for k, g in grads_of(ours).items() if step not in SPARSE.get(k, ())}
+        updates, state = opt.update(ours_grads, state, ours)
+        optorch.apply_updates(ours, updates)
+    assert_same(ours, theirs)
+    assert torch.equal(ours["embed"], initial["embed"])  # never had a gradient: never moved
+
+
+# ---- the arguments torch.optim rejects ----------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    (torch.optim.SGD, optorch.sgd, dict(lr=0.1, momentum=0.0, nesterov=True)),
+    (torch.optim.SGD, optorch.sgd, dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)),
+    (torch.optim.SGD, optorch.sgd, dict(lr=-0.1)),
+    (torch.optim.SGD, optorch.sgd, dict(lr=0.1, momentum=-0.5)),
+    (torch.optim.SGD, optorch.sgd, dict(lr=0.1, weight_decay=-1.0)),
+    (torch.optim.Adam, optorch.adam, dict(lr=-1e-3)),
+    (torch.optim.Adam, optorch.adam, dict(lr=1e-3, betas=(1.0, 0.999))),
+    (torch.optim.Adam, optorch.adam, dict(lr=1e-3, betas=(0.9, -0.1))),
+    (torch.optim.AdamW, optorch.adamw, dict(lr=1e-3, eps=-1e-8)),
+    (torch.optim.AdamW, optorch.adamw, dict(lr=1e-3, weight_decay=-0.1)),
+]
+
+
+@pytest.mark.parametrize("torch_cls, ours, kw", BAD_ARGUMENTS, ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_torch_argument_errors(torch_cls, ours, kw):
+    with pytest.raises(ValueError):
+        torch_cls([torch.zeros(1, requires_grad=True)], **kw)
+    kw = dict(kw)
+    if "betas" in kw:
+        kw["b1"], kw["b2"] = kw.pop("betas")
+    with pytest.raises(ValueError, match="Invalid|Nesterov"):
+        ours(learning_rate=kw.pop("lr"), **kw)
