@@ -34,30 +34,38 @@ def _kernels():
 
 def _per_sequence(fn, q_like, k_like, bias, alibi, cu_q, cu_k, **kw):
     """`fn` on each sequence of packed varlen tensors as a batch of one, with its bias row (and
-    its ALiBi slopes when they are per sequence)."""
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    its ALiBi slopes when they are per sequence). Yields (query rows, key rows, result)."""
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()  # CPU tensors: no device to wait for
     for b in range(len(bounds_q) - 1):
         sq, sk = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
         slopes = alibi[b : b + 1] if alibi is not None and alibi.ndim == 2 else alibi
         tensors = [t[sq][None] for t in q_like] + [t[sk][None] for t in k_like]
-        yield fn(*tensors, bias=bias[b : b + 1], alibi_slopes=slopes, **kw)
+        yield sq, sk, fn(*tensors, bias=bias[b : b + 1], alibi_slopes=slopes, **kw)
 
 
+@torch.autocast("cpu", enabled=False)  # the path computes in fp32 itself; autocast would make it bf16
 def _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
     kw = dict(scale=scale, causal=causal, window=window)
     if cu_q is None:
         return reference.chunked_forward(q, k, v, bias=bias, alibi_slopes=alibi, **kw)
-    parts = list(_per_sequence(reference.chunked_forward, (q,), (k, v), bias, alibi, cu_q, cu_k, **kw))
-    return torch.cat([o[0] for o, _ in parts]), torch.cat([m[0] for _, m in parts], dim=-1)
+    # rows beyond the last sequence (cu_seqlens[-1] < total) are not attention rows: zeros
+    out, mass = torch.zeros_like(q), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+    for sq, _, (o, m) in _per_sequence(reference.chunked_forward, (q,), (k, v), bias, alibi, cu_q, cu_k, **kw):
+        out[sq], mass[:, sq] = o[0], m[0]
+    return out, mass
 
 
+@torch.autocast("cpu", enabled=False)
 def _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
     kw = dict(scale=scale, causal=causal, window=window)
     if cu_q is None:
         return reference.chunked_backward(do, q, k, v, bias=bias, alibi_slopes=alibi, **kw)
-    parts = list(_per_sequence(reference.chunked_backward, (do, q), (k, v), bias, alibi, cu_q, cu_k, **kw))
-    dq, dk, dv = (torch.cat([p[i][0] for p in parts]) for i in range(3))
-    return dq, dk, dv, torch.cat([p[3] for p in parts])
+    dq, dk, dv, dbias = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(bias)
+    for b, (sq, sk, grads) in enumerate(
+        _per_sequence(reference.chunked_backward, (do, q), (k, v), bias, alibi, cu_q, cu_k, **kw)
+    ):
+        dq[sq], dk[sk], dv[sk], dbias[b] = grads[0][0], grads[1][0], grads[2][0], grads[3][0]
+    return dq, dk, dv, dbias
 
 
 # ---- custom ops ------------------------------------------------------------------------------
@@ -201,6 +209,9 @@ def _bias_table(sigmoid_bias, q, batch: int) -> torch.Tensor:
 
 
 def _check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
+    """Shapes and types always; values where that costs no device sync (CPU tensors). On CUDA
+    the values are asserted on the device (torch._assert_async), which raises at the next
+    synchronisation instead of stalling every call."""
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.ndim != 1 or cu.numel() < 2:
             _fail(f"{name} must be a 1-D int32 tensor of batch + 1 offsets.")
@@ -212,10 +223,13 @@ def _check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
         return  # value checks need the host; under compile the caller vouches for them
     for name, cu, max_len, total in (("q", cu_q, max_q, total_q), ("k", cu_k, max_k, total_k)):
         lengths = cu.diff()
-        bad = torch.stack([cu[0] != 0, cu[-1] != total, (lengths < 0).any(), lengths.max() > max_len])
-        if bad.any().item():
-            _fail(f"cu_seqlens_{name} must start at 0, not decrease, end at the {total} packed tokens, and no "
-                  f"sequence may exceed max_seqlen_{name}={max_len}; got {cu.tolist()}.")  # fmt: skip
+        bad = torch.stack([cu[0] != 0, cu[-1] > total, (lengths < 0).any(), lengths.max() > max_len]).any()
+        message = (f"flash_sigmoid: cu_seqlens_{name} must start at 0, not decrease, end at most at the {total} "
+                   f"packed tokens, and no sequence may exceed max_seqlen_{name}={max_len}")  # fmt: skip
+        if cu.is_cuda:
+            torch._assert_async(~bad, message)
+        elif bad.item():
+            _fail(f"{message.removeprefix('flash_sigmoid: ')}; got {cu.tolist()}.")
 
 
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
@@ -226,6 +240,7 @@ def _run(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal,
     _check_options(q, dropout_p, window_size, alibi_slopes, return_attn_probs, batch)
     if packed:
         _check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], k.shape[0], q.device)
+        cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels read offsets at unit stride
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     window = (window_size[0], 0) if causal else tuple(window_size)  # causal caps the right side, as flash-attn
     bias = _bias_table(sigmoid_bias, q, batch)

@@ -77,16 +77,24 @@ def _seq_bounds(Cu, b, fixed_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(b, start, offs, head, sb, st, sh, offs_d):
+    """Element offsets (rows, BLOCK_D) of rows `offs` of one head of sequence b, starting at token
+    `start`. In int64: batch × stride and token × stride pass 2³¹ in long contexts."""
+    rows = offs[:, None].to(tl.int64) + start
+    return b.to(tl.int64) * sb + rows * st + head.to(tl.int64) * sh + offs_d[None, :]
+
+
+@triton.jit
 def _load_tile(Ptr, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
     """Rows `offs` (< length) of one head of sequence b, starting at token `start`: (rows, BLOCK_D)."""
     mask = (offs[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(Ptr + b * sb + (start + offs[:, None]) * st + head * sh + offs_d[None, :], mask=mask, other=0.0)
+    return tl.load(Ptr + _tile_offsets(b, start, offs, head, sb, st, sh, offs_d), mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_tile(Ptr, value, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
     mask = (offs[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(Ptr + b * sb + (start + offs[:, None]) * st + head * sh + offs_d[None, :], value, mask=mask)
+    tl.store(Ptr + _tile_offsets(b, start, offs, head, sb, st, sh, offs_d), value, mask=mask)
 
 
 @triton.jit
@@ -178,7 +186,8 @@ def _fwd_kernel(
     out = _cast(acc, Out.dtype.element_ty, UPCAST)
     _store_tile(Out, out, b, q_start, offs_m, h, sob, sot, soh, q_len, offs_d, HEAD_DIM)
     if RETURN_MASS:
-        tl.store(Mass + b * smb + h * smh + (q_start + offs_m) * smt, mass, mask=offs_m < q_len)
+        rows = offs_m.to(tl.int64) + q_start
+        tl.store(Mass + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows * smt, mass, mask=offs_m < q_len)
 
 
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DBias"])
@@ -309,7 +318,7 @@ def forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, windo
     """out (like q) and, if asked, mass fp32 ([B, H, Tq] padded / [H, total] varlen)."""
     batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window)
     varlen = cu_q is not None
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q) if varlen else torch.empty_like(q)  # varlen: rows past the last sequence are 0
     mass_shape = (heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])
     mass = torch.zeros(mass_shape if return_mass else (1, 1, 1), device=q.device, dtype=torch.float32)
     mass_strides = (0, mass.stride(0), mass.stride(1)) if varlen else mass.stride()
@@ -328,7 +337,8 @@ def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, 
     batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window)
     varlen, kv_heads = cu_q is not None, k.shape[-2]
     do = do.contiguous() if do.stride(-1) != 1 else do
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    alloc = torch.zeros_like if varlen else torch.empty_like  # varlen: rows past the last sequence get 0
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
     min_block = min(c.kwargs["BLOCK_M"] for c in _configs())
     partial = torch.zeros(batch * heads, triton.cdiv(len_q, min_block), device=q.device, dtype=torch.float32)
     alibi_arg = alibi if alibi is not None else bias

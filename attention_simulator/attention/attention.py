@@ -14,6 +14,7 @@ from flash_sigmoid.reference import keys_per_row
 from ..diagnostics.probes import AttentionProbe, Probe
 from ..errors import ConfigError
 from .backends import BACKENDS, AttentionSpec, backends_supporting
+from .masks import Padding
 from .norms import make_norm
 from .positions import RotaryEmbedding, alibi_slopes
 
@@ -73,6 +74,16 @@ class AttentionConfig:
             raise ConfigError("attention.bias_n=per_row only applies to attention.sigmoid_bias=auto.")
         if self.window is not None and self.window < 0:
             raise ConfigError(f"attention.window={self.window} must be >= 0 (or null for no window).")
+        if self.num_kv_heads is not None and self.num_kv_heads < 1:
+            raise ConfigError(
+                f"attention.num_kv_heads={self.num_kv_heads} must be >= 1 (a divisor of the heads), or null for one "
+                "key/value head per query head."
+            )
+        for name in ("attn_drop", "proj_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"attention.{name}={getattr(self, name)} must be in [0, 1).")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise ConfigError(f"attention.rope_fraction={self.rope_fraction} must be in (0, 1].")
         requested = {
             "sigmoid_bias": self.sigmoid_bias is not None or self.learnable_bias is not None,
             "per_row_bias": self.bias_n == "per_row",
@@ -135,8 +146,9 @@ class Attention(nn.Module):
     """Multi-head attention: x (B, Tq, C) [, context (B, Tk, C_kv)] -> (B, Tq, C).
 
     Self-attention by default; cross-attention (queries from x, keys and values from
-    `context`) when built with `kv_dim`. `lengths` / `context_lengths` (B,) mark right-padded
-    batches: keys beyond a sequence's length are never attended."""
+    `context`) when built with `kv_dim`. `padding` / `context_padding` (`Padding.of(lengths, T)`,
+    made once per batch) mark right-padded batches: keys beyond a sequence's length are never
+    attended."""
 
     def __init__(
         self,
@@ -229,13 +241,16 @@ class Attention(nn.Module):
             )
         return KVCache(batch, max_len, self.kv_heads, self.head_dim, device, dtype)
 
-    def forward(self, x, lengths=None, context=None, context_lengths=None, cache: KVCache | None = None):
+    def forward(self, x, padding: Padding | None = None, context=None, context_padding: Padding | None = None,
+                cache: KVCache | None = None):  # fmt: skip
         """With a `cache`, x holds the next tokens: queries attend to every cached key too (the
         masks are bottom-right aligned, so this equals recomputing the whole prefix)."""
         if self.cross != (context is not None):
             raise ValueError("this Attention was built for " + ("cross" if self.cross else "self") + "-attention.")
         q, k, v = self.project(x, context)  # (B, Tq, H, D), (B, Tk, Hk, D) x 2
-        k_lengths = context_lengths if self.cross else lengths
+        k_padding = context_padding if self.cross else padding
+        lengths = None if padding is None else padding.lengths
+        k_lengths = None if k_padding is None else k_padding.lengths
         q, k = self.q_norm(q), self.k_norm(k)
         offset = 0 if cache is None else cache.length
         if self.rope is not None:
@@ -252,14 +267,14 @@ class Attention(nn.Module):
             dropout_p=self.config.attn_drop if self.training else 0.0,
             sigmoid_bias=self.sigmoid_bias(tq, tk, lengths, k_lengths, x.device),
             alibi_slopes=self.alibi_slopes,
-            q_lengths=lengths,
-            k_lengths=k_lengths,
+            q_padding=padding,
+            k_padding=k_padding,
             probe=self.weights_probe if self.weights_probe.active else None,
         )
         out = self.backend(q, k, v, spec)  # (B, Tq, H, D)
         if self.config.length_norm is not None:
             n = self.keys_per_row(tq, tk, lengths, k_lengths, x.device).clamp(min=1)  # (B|1, Tq)
             out = out * (n if self.config.length_norm == "n" else n.sqrt()).reciprocal()[..., None, None].to(out.dtype)
-        out = self.values_probe(out, lengths)  # attention·V: (B, Tq, H, D)
-        out = self.out_probe(self.proj(rearrange(out, "b t h d -> b t (h d)")), lengths)  # (B, Tq, C)
+        out = self.values_probe(out, padding)  # attention·V: (B, Tq, H, D)
+        out = self.out_probe(self.proj(rearrange(out, "b t h d -> b t (h d)")), padding)  # (B, Tq, C)
         return self.proj_drop(out)

@@ -9,7 +9,9 @@ rest at construction.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,7 @@ import flash_sigmoid
 from flash_sigmoid.reference import attention_mask, sigmoid_weights, weighted_values
 
 from ..diagnostics.probes import AttentionProbe
-from .masks import cu_seqlens, pad, unpad
+from .masks import Padding
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,17 @@ class AttentionSpec:
     dropout_p: float = 0.0
     sigmoid_bias: float | torch.Tensor | None = None  # float, [], [H], [B, H] or per row [B, H, Tq]
     alibi_slopes: torch.Tensor | None = None  # (H,) fp32
-    q_lengths: torch.Tensor | None = None  # (B,) for right-padded batches
-    k_lengths: torch.Tensor | None = None
+    q_padding: Padding | None = None  # right-padded batches
+    k_padding: Padding | None = None
     probe: AttentionProbe | None = None  # set while diagnostics record: gets the weights (or the mass)
+
+    @property
+    def q_lengths(self) -> torch.Tensor | None:
+        return None if self.q_padding is None else self.q_padding.lengths
+
+    @property
+    def k_lengths(self) -> torch.Tensor | None:
+        return None if self.k_padding is None else self.k_padding.lengths
 
     def mask(self, q, k, dtype):
         return attention_mask(q.shape[1], k.shape[1], self.causal, self.window, self.alibi_slopes, self.q_lengths,
@@ -82,6 +92,20 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _exact(backend: BackendFn) -> BackendFn:
+    """Run a naive backend in fp32 (fp64 kept) even under autocast, which would otherwise run
+    its einsums in bf16/fp16: it is the reference, and its matrix feeds the diagnostics. The
+    output comes back in the dtype of q."""
+
+    @functools.wraps(backend)
+    def wrapper(q, k, v, spec):
+        device = q.device.type  # (the meta device, used to size models, has no autocast)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            return backend(_at_least_fp32(q), _at_least_fp32(k), _at_least_fp32(v), spec).to(q.dtype)
+
+    return wrapper
+
+
 def _dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(weights, p) if p else weights
 
@@ -94,7 +118,7 @@ def _softmax_inputs(q, k, spec):
     """Scaled scores (B, H, Tq, Tk) with ALiBi and −inf at masked pairs, and which rows attend to
     anything. A row with no key (e.g. a padded query beyond a window) gets all-zero weights
     instead of softmax's NaN, as in flash-attn."""
-    scores = _at_least_fp32(torch.einsum("bqhd,bkhd->bhqk", q, _repeat_kv(k, q.shape[2]))) * spec.scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, _repeat_kv(k, q.shape[2])) * spec.scale
     allowed, alibi = spec.mask(q, k, scores.dtype)
     if alibi is not None:
         scores = scores + alibi
@@ -103,17 +127,19 @@ def _softmax_inputs(q, k, spec):
 
 
 @register_backend("softmax", "softmax", {"causal", "window", "alibi", "dropout"})
+@_exact
 def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     scores, any_key = _softmax_inputs(q, k, spec)
     weights = torch.softmax(scores, dim=-1) * any_key  # (B, H, Tq, Tk)
     if spec.probe is not None:
-        weights = spec.probe(weights, spec.q_lengths)
-    return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
+        weights = spec.probe(weights, spec.q_padding)
+    return weighted_values(_dropout(weights, spec.dropout_p), v)  # (B, Tq, H, D)
 
 
 @register_backend(
     "sigmoid", "sigmoid", {"causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias", "length_norm"}
 )
+@_exact
 def sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     """sigmoid(q·kᵀ·scale + b)·v with the matrix materialised: FlashSigmoid's exact reference."""
     weights = sigmoid_weights(
@@ -121,8 +147,8 @@ def sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
         window=spec.window, alibi_slopes=spec.alibi_slopes, q_lengths=spec.q_lengths, k_lengths=spec.k_lengths,
     )  # fmt: skip
     if spec.probe is not None:
-        weights = spec.probe(weights, spec.q_lengths)
-    return weighted_values(_dropout(weights, spec.dropout_p), v).to(q.dtype)  # (B, Tq, H, D)
+        weights = spec.probe(weights, spec.q_padding)
+    return weighted_values(_dropout(weights, spec.dropout_p), v)  # (B, Tq, H, D)
 
 
 # ---- fused backends ----------------------------------------------------------------------------------
@@ -130,17 +156,15 @@ def sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
 
 def _varlen(fn, q, k, v, spec: AttentionSpec, **kw):
     """Run a flash-attn-style varlen function on a right-padded batch; padded rows come back 0.
-    With return_attn_mass, also the mass as (B, H, Tq)."""
-    q_lengths = spec.q_lengths if spec.q_lengths is not None else spec.k_lengths.new_full((q.shape[0],), q.shape[1])
-    q_packed, index = unpad(q, q_lengths)
-    k_packed, _ = unpad(k, spec.k_lengths)
-    v_packed, _ = unpad(v, spec.k_lengths)
-    result = fn(q_packed, k_packed, v_packed, cu_seqlens(q_lengths), cu_seqlens(spec.k_lengths), q.shape[1],
+    With return_attn_mass, also the mass as (B, H, Tq). No host sync: see `masks.Padding`."""
+    q_pad = spec.q_padding or Padding.of(spec.k_lengths.new_full((q.shape[0],), q.shape[1]), q.shape[1])
+    k_pad = spec.k_padding
+    result = fn(q_pad.pack(q), k_pad.pack(k), k_pad.pack(v), q_pad.cu_seqlens, k_pad.cu_seqlens, q.shape[1],
                 k.shape[1], **kw)  # fmt: skip
     if not kw.get("return_attn_mass"):
-        return pad(result, index, q.shape[0], q.shape[1])
-    out, mass = result  # mass: (H, total_q)
-    return pad(out, index, q.shape[0], q.shape[1]), pad(mass.T, index, q.shape[0], q.shape[1]).permute(0, 2, 1)
+        return q_pad.unpack(result)
+    out, mass = result  # mass: (H, B·Tq)
+    return q_pad.unpack(out), q_pad.unpack(mass.T).permute(0, 2, 1)
 
 
 try:  # optional extra: pip install 'attention-simulator[flash-attn]'
@@ -155,7 +179,7 @@ def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     if _flash_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         kw = dict(dropout_p=spec.dropout_p, softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window,
                   alibi_slopes=spec.alibi_slopes)  # fmt: skip
-        if spec.k_lengths is not None:
+        if spec.k_padding is not None:
             return _varlen(_flash_attn.flash_attn_varlen_func, q, k, v, spec, **kw)
         return _flash_attn.flash_attn_func(q, k, v, **kw)
     simple = spec.window == (-1, -1) and spec.alibi_slopes is None and spec.k_lengths is None
@@ -180,12 +204,12 @@ def flash_sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     kw = dict(softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window, alibi_slopes=spec.alibi_slopes,
               sigmoid_bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias,
               return_attn_mass=spec.probe is not None)  # fmt: skip
-    if spec.k_lengths is not None:
+    if spec.k_padding is not None:
         result = _varlen(flash_sigmoid.flash_attn_varlen_func, q, k, v, spec, **kw)
     else:
         result = flash_sigmoid.flash_attn_func(q, k, v, **kw)
     if spec.probe is None:
         return result
     out, mass = result  # the kernel's per-row mass: what the diagnostics need, without the matrix
-    spec.probe.record_mass(mass, spec.q_lengths)
+    spec.probe.record_mass(mass, spec.q_padding)
     return out

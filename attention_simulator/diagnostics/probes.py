@@ -9,16 +9,18 @@ recording never waits for the device; the recorder moves everything to the host 
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:  # attention imports the probes: only the type is needed here
+    from ..attention.masks import Padding
 
-def _valid_rows(shape, lengths, device) -> torch.Tensor | None:
+
+def _valid_rows(padding: Padding | None) -> torch.Tensor | None:
     """(B, T) True at real rows of a right-padded batch, or None when nothing is padded."""
-    if lengths is None:
-        return None
-    return torch.arange(shape[1], device=device)[None, :] < lengths.to(device)[:, None]
+    return None if padding is None else padding.real
 
 
 def _masked_stats(values: torch.Tensor, valid: torch.Tensor | None, prefix: str) -> dict[str, torch.Tensor]:
@@ -35,12 +37,12 @@ def _masked_stats(values: torch.Tensor, valid: torch.Tensor | None, prefix: str)
     }
 
 
-def token_stats(x: torch.Tensor, lengths=None, prefix: str = "") -> dict[str, torch.Tensor]:
+def token_stats(x: torch.Tensor, padding: Padding | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
     """Norms of each token's vector: x (B, T, ...) or (B, C) -> norm mean / max / min and RMS."""
     x = x.detach().float()
     rows = x.flatten(2) if x.ndim >= 3 else x[:, None]  # (B, T, F)
     norms = rows.norm(dim=-1)  # (B, T)
-    valid = _valid_rows(norms.shape, lengths, x.device)
+    valid = _valid_rows(padding)
     stats = _masked_stats(norms, valid, f"{prefix}norm")
     squares = norms.square() if valid is None else norms.square() * valid
     count = norms.numel() if valid is None else valid.sum().clamp(min=1)
@@ -48,12 +50,14 @@ def token_stats(x: torch.Tensor, lengths=None, prefix: str = "") -> dict[str, to
     return stats
 
 
-def attention_stats(weights: torch.Tensor, lengths=None, entropy: bool = False) -> dict[str, torch.Tensor]:
+def attention_stats(
+    weights: torch.Tensor, padding: Padding | None = None, entropy: bool = False
+) -> dict[str, torch.Tensor]:
     """Row mass Σ_j p_ij (mean / max / min) of weights (B, H, Tq, Tk) -- or of a mass (B, H, Tq)
     from a fused kernel -- and, for softmax, the mean row entropy."""
     weights = weights.detach().float()
     mass = weights.sum(-1) if weights.ndim == 4 else weights  # (B, H, Tq)
-    valid = _valid_rows((mass.shape[0], mass.shape[2]), lengths, mass.device)
+    valid = _valid_rows(padding)
     valid = None if valid is None else valid[:, None, :]  # (B, 1, Tq)
     stats = _masked_stats(mass, valid, "mass")
     if entropy and weights.ndim == 4:
@@ -77,16 +81,16 @@ class Probe(nn.Module):
     def active(self) -> bool:
         return self.recorder is not None and self.recorder.active
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
         if not self.active:
             return x
-        self.recorder.record(self.key, self.stats(x, lengths))
+        self.recorder.record(self.key, self.stats(x, padding))
         if self.recorder.gradients and x.requires_grad:
-            x.register_hook(partial(self._record_grad, lengths))
+            x.register_hook(partial(self._record_grad, padding))
         return x
 
-    def _record_grad(self, lengths, grad):
-        self.recorder.record(self.key, token_stats(grad, lengths, prefix="grad_"))
+    def _record_grad(self, padding, grad):
+        self.recorder.record_grad(self.key, token_stats(grad, padding, prefix="grad_"))
 
 
 class AttentionProbe(Probe):
@@ -98,10 +102,12 @@ class AttentionProbe(Probe):
         super().__init__(kind)
         self.stats = partial(attention_stats, entropy=entropy)
 
-    def record_mass(self, mass: torch.Tensor, lengths: torch.Tensor | None = None):
-        self.recorder.record(self.key, attention_stats(mass, lengths))
+    def record_mass(self, mass: torch.Tensor, padding: Padding | None = None):
+        self.recorder.record(self.key, attention_stats(mass, padding))
 
-    def _record_grad(self, lengths, grad):
+    def _record_grad(self, padding, grad):
         norms = grad.detach().float().norm(dim=-1)  # (B, H, Tq): one per row of dL/dP
-        valid = _valid_rows((norms.shape[0], norms.shape[2]), lengths, norms.device)
-        self.recorder.record(self.key, _masked_stats(norms, None if valid is None else valid[:, None], "grad_norm"))
+        valid = _valid_rows(padding)
+        self.recorder.record_grad(
+            self.key, _masked_stats(norms, None if valid is None else valid[:, None], "grad_norm")
+        )

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionConfig, sincos_1d
-from ..attention.masks import real_positions
+from ..attention.masks import Padding
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
 from ..errors import ConfigError
@@ -108,10 +108,11 @@ class SpeechRecognizer(nn.Module):
                 raise ValueError(f"{x.shape[1]} frames exceed model.max_frames={self.pos_embed.shape[1]}.")
             x = x + self.pos_embed[:, : x.shape[1]]
         x = self.dropout(x)
-        real = real_positions(lengths, x.shape[1])[..., None].to(x.dtype)  # (B, T', 1): 1 at real frames
+        padding = Padding.of(lengths, x.shape[1])  # once per batch, shared by every layer
+        real = padding.real[..., None].to(x.dtype)  # (B, T', 1): 1 at real frames
         for i, block in enumerate(self.blocks):
-            x = block(x, lengths)  # (B, T', D)
+            x = block(x, padding)  # (B, T', D)
             if self.convs is not None:
                 x = self.convs[i](x, real)
-        logits = self.logits_probe(self.head(self.norm(x)), lengths)  # (B, T', V)
+        logits = self.logits_probe(self.head(self.norm(x)), padding)  # (B, T', V)
         return logits.float().log_softmax(-1), lengths

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..attention import Attention, AttentionConfig
+from ..attention.masks import Padding
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
 from ..errors import ConfigError
@@ -93,11 +94,11 @@ class TransformerBlock(nn.Module):
         self.ls2, self.drop_path2 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
         self.mlp_probe, self.resid_probe = Probe("mlp_out"), Probe("resid")
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        h = self.post_norm1(self.attn(self.norm1(x), lengths=lengths, cache=cache))  # (B, T, C)
+    def forward(self, x: torch.Tensor, padding: Padding | None = None, cache=None) -> torch.Tensor:
+        h = self.post_norm1(self.attn(self.norm1(x), padding=padding, cache=cache))  # (B, T, C)
         x = self.residual_norm1(x + self.drop_path1(self.ls1(h)))
-        h = self.post_norm2(self.mlp_probe(self.mlp(self.norm2(x)), lengths))  # (B, T, C)
-        return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), lengths)
+        h = self.post_norm2(self.mlp_probe(self.mlp(self.norm2(x)), padding))  # (B, T, C)
+        return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), padding)
 
 
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:

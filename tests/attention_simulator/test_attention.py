@@ -8,6 +8,8 @@ import torch
 from attention_simulator.attention import BACKENDS, Attention, AttentionConfig, AttentionSpec
 from attention_simulator.errors import ConfigError
 
+from .. import brute_force
+
 
 def qkv(b=2, tq=7, tk=7, h=3, d=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -67,11 +69,20 @@ def test_auto_bias_is_minus_log_n():
 
 
 @pytest.mark.parametrize("backend", ["softmax", "sigmoid", "flash_softmax", "flash_sigmoid"])
-def test_module_backends_share_weights_and_shapes(backend):
+def test_module_is_the_textbook_computation(backend):
+    """Projections, per-head QK LayerNorm, attention, output projection -- written out here with
+    the module's weights and the brute-force attention."""
     torch.manual_seed(0)
-    attn = Attention(32, 4, AttentionConfig(backend=backend, qk_norm=True))
+    sigmoid = "sigmoid" in backend
+    attn = Attention(32, 4, AttentionConfig(backend=backend, qk_norm=True, sigmoid_bias=-1.5 if sigmoid else None))
     x = torch.randn(3, 10, 32)
-    assert attn(x).shape == (3, 10, 32)
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).view(3, 10, 3, 4, 8).unbind(2)  # (B, T, H, D) each
+    q = torch.nn.functional.layer_norm(q, (8,), attn.q_norm.weight, attn.q_norm.bias)
+    k = torch.nn.functional.layer_norm(k, (8,), attn.k_norm.weight, attn.k_norm.bias)
+    heads, _, _ = brute_force.attention(q, k, v, activation="sigmoid" if sigmoid else "softmax",
+                                        bias=-1.5 if sigmoid else 0.0)  # fmt: skip
+    expected = heads.reshape(3, 10, 32).float() @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +110,27 @@ def test_options_a_backend_cannot_honour_are_refused():
         AttentionConfig(backend="sigmoid", sigmoid_bias="-1")
     with pytest.raises(ConfigError, match="not divisible by num_heads=3"):
         Attention(32, 3)
+
+
+@pytest.mark.parametrize("backend", ["softmax", "sigmoid"])
+def test_naive_backends_compute_in_fp32_under_bf16_autocast(backend):
+    """The naive backends are the reference and feed the diagnostics: under autocast their
+    weights, output and attention mass are the fp32 ones (same q, k, v), not bf16 ones."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 4, 16), torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+
+    class Capture:
+        def __call__(self, weights, padding):
+            self.weights = weights
+            return weights
+
+    results = {}
+    for autocast in (False, True):
+        probe = Capture()
+        spec = AttentionSpec(scale=0.25, causal=True, sigmoid_bias=-2.0 if backend == "sigmoid" else None, probe=probe)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = BACKENDS[backend].fn(q, k, v, spec)
+        results[autocast] = out, probe.weights, probe.weights.sum(-1)
+    for ours, fp32 in zip(results[True], results[False]):
+        assert ours.dtype == fp32.dtype == torch.float32
+        torch.testing.assert_close(ours, fp32, rtol=1e-6, atol=1e-6)

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from attention_simulator.attention import Attention, AttentionConfig, RotaryEmbedding, alibi_slopes
+from attention_simulator.attention.masks import Padding
 from attention_simulator.attention.norms import make_norm
 from attention_simulator.errors import ConfigError
 from attention_simulator.models.block import TransformerBlock
-from flash_sigmoid.reference import attention_mask, keys_per_row, sigmoid_weights
+from flash_sigmoid.reference import attention_mask, keys_per_row
+
+from .. import brute_force
 
 BACKENDS = ["softmax", "sigmoid", "flash_softmax", "flash_sigmoid"]
 
@@ -60,24 +63,34 @@ def test_alibi_slopes_follow_the_paper():
     torch.testing.assert_close(twelve[8:], alibi_slopes(16)[0::2][:4])
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_alibi_adds_minus_slope_times_distance(causal):
+MASK_CASES = [(False, (-1, -1)), (True, (-1, -1)), (True, (2, 0)), (False, (1, 3)), (True, (3, -1))]
+
+
+@pytest.mark.parametrize("tq, tk", [(6, 6), (4, 9), (9, 4)])
+@pytest.mark.parametrize("causal, window", MASK_CASES)
+def test_mask_and_alibi_against_brute_force(tq, tk, causal, window):
+    """Bottom-right alignment, windows, ALiBi's |i + Tk − Tq − j| and per-sequence padding."""
     slopes = alibi_slopes(4)
-    allowed, alibi = attention_mask(6, 6, causal, alibi_slopes=slopes)
-    i, j = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
-    torch.testing.assert_close(alibi[0], -slopes[:, None, None] * (i - j).abs().float())
-    assert torch.equal(allowed, j <= i) if causal else allowed.all()
+    q_lengths, k_lengths = torch.tensor([tq, max(1, tq - 3)]), torch.tensor([tk, max(1, tk - 2)])
+    allowed, alibi = attention_mask(tq, tk, causal, window, slopes, q_lengths, k_lengths)  # (B, 1, Tq, Tk)
+    for b in range(2):
+        expected, distance = brute_force.pair_tables(tq, tk, int(q_lengths[b]), int(k_lengths[b]), causal, window)
+        real_rows = torch.arange(tq) < q_lengths[b]  # what a padded query attends is not defined
+        assert torch.equal(allowed[b, 0][real_rows], expected[real_rows])
+        torch.testing.assert_close(alibi[b], -slopes[:, None, None] * distance.float())
 
 
 # ---- masks and −log n ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (True, (2, 0)), (False, (1, 3))])
+@pytest.mark.parametrize("causal, window", MASK_CASES)
 def test_keys_per_row_counts_the_mask(causal, window):
     lengths_q, lengths_k = torch.tensor([9, 4, 1]), torch.tensor([9, 6, 3])
-    allowed, _ = attention_mask(9, 9, causal, window, q_lengths=lengths_q, k_lengths=lengths_k)
-    counted = allowed[:, 0].sum(-1).float()
-    torch.testing.assert_close(keys_per_row(9, 9, causal, window, lengths_q, lengths_k), counted)
+    ours = keys_per_row(9, 9, causal, window, lengths_q, lengths_k)
+    for b in range(3):
+        q_len = int(lengths_q[b])
+        counted = brute_force.keys_attended(9, 9, q_len, int(lengths_k[b]), causal, window)
+        assert ours[b, :q_len].tolist() == counted[:q_len]
 
 
 def mass_at_zero_logits(bias_n, causal, lengths=None):
@@ -85,8 +98,9 @@ def mass_at_zero_logits(bias_n, causal, lengths=None):
     attn = Attention(16, 2, AttentionConfig(backend="sigmoid", sigmoid_bias="auto", bias_n=bias_n), causal=causal)
     bias = attn.sigmoid_bias(10, 10, lengths, lengths)
     zeros = torch.zeros(1 if lengths is None else len(lengths), 10, 2, 8)
-    weights = sigmoid_weights(zeros, zeros, scale=1.0, bias=bias, causal=causal, q_lengths=lengths, k_lengths=lengths)
-    return weights.sum(-1)[:, 0]  # (B, Tq)
+    _, mass, _ = brute_force.attention(zeros, zeros, zeros, activation="sigmoid", bias=bias, causal=causal,
+                                       q_lengths=lengths, k_lengths=lengths)  # fmt: skip
+    return mass[:, 0].float()  # (B, Tq)
 
 
 def test_minus_log_n_gives_each_row_mass_near_one():
@@ -109,8 +123,8 @@ def test_outputs_at_real_positions_ignore_extra_padding(backend):
     torch.manual_seed(0)
     attn = Attention(32, 4, config, causal=True).eval()
     x, lengths = torch.randn(2, 9, 32), torch.tensor([9, 5])
-    out = attn(x, lengths=lengths)
-    longer = attn(torch.cat([x, 100 * torch.randn(2, 6, 32)], dim=1), lengths=lengths)
+    out = attn(x, padding=Padding.of(lengths, 9))
+    longer = attn(torch.cat([x, 100 * torch.randn(2, 6, 32)], dim=1), padding=Padding.of(lengths, 15))
     torch.testing.assert_close(longer[0, :9], out[0, :9], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(longer[1, :5], out[1, :5], rtol=1e-5, atol=1e-6)
 
@@ -127,7 +141,7 @@ def test_length_norm_divides_each_row_by_its_key_count(length_norm, power):
     captured = {}
     plain.proj.register_forward_hook(lambda m, i, o: captured.setdefault("plain", i[0]))
     normed.proj.register_forward_hook(lambda m, i, o: captured.setdefault("normed", i[0]))
-    plain(x, lengths=lengths), normed(x, lengths=lengths)
+    plain(x, padding=Padding.of(lengths, 7)), normed(x, padding=Padding.of(lengths, 7))
     n = torch.arange(1, 8).float().clamp(max=torch.tensor([[7], [3]]))  # causal: row i attends min(i + 1, L)
     torch.testing.assert_close(captured["normed"], captured["plain"] / n[..., None] ** power)
 
@@ -200,11 +214,12 @@ def test_cross_attention_with_other_lengths_and_widths(naive, fused):
     b = Attention(32, 4, AttentionConfig(backend=fused, num_kv_heads=2, **kw), kv_dim=48)
     b.load_state_dict(a.state_dict())
     x, context, context_lengths = torch.randn(2, 5, 32), torch.randn(2, 7, 48), torch.tensor([7, 3])
-    out = a(x, context=context, context_lengths=context_lengths)
+    padding = Padding.of(context_lengths, 7)
+    out = a(x, context=context, context_padding=padding)
     assert out.shape == (2, 5, 32)
-    torch.testing.assert_close(b(x, context=context, context_lengths=context_lengths), out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b(x, context=context, context_padding=padding), out, rtol=1e-5, atol=1e-6)
     junk = torch.cat([context[1:, :3], 50 * torch.randn(1, 4, 48)], dim=1)  # keys beyond the length are ignored
-    torch.testing.assert_close(a(x[1:], context=junk, context_lengths=context_lengths[1:]), out[1:])
+    torch.testing.assert_close(a(x[1:], context=junk, context_padding=Padding.of(context_lengths[1:], 7)), out[1:])
 
 
 # ---- options a backend cannot honour ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from attention_simulator.attention import Attention, AttentionConfig
+from attention_simulator.attention.masks import Padding
 from attention_simulator.diagnostics import Diagnostics, DiagnosticsConfig
 from attention_simulator.models.block import TransformerBlock
 
@@ -30,7 +31,7 @@ class Model(torch.nn.Module):
         )
 
     def forward(self, x, lengths=None):
-        return self.blocks[0](x, lengths=lengths)
+        return self.blocks[0](x, None if lengths is None else Padding.of(lengths, x.shape[1]))
 
 
 def record(backend="softmax", bias=None, lengths=None, **config):
@@ -143,10 +144,10 @@ def test_compare_runs_writes_a_figure_and_a_table(tmp_path):
     compare_runs.main([str(tmp_path / "softmax"), str(tmp_path / "sigmoid"), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert table[0].startswith("| run | train/loss | eval/loss | eval/accuracy | attn/layer_mean/mass_mean")
-    softmax_row = next(line for line in table if line.startswith("| softmax |"))  # no .hydra/: labelled by folder
+    softmax_row = next(line for line in table if line.startswith("| vit_softmax (softmax) |"))  # name (folder)
     assert softmax_row.split(" | ")[4] == "1"  # softmax rows have mass exactly 1
     final_loss = pd.read_parquet(tmp_path / "sigmoid" / "metrics.parquet")["train/loss"].dropna().iloc[-1]
-    assert f"{final_loss:.4g}" in next(line for line in table if line.startswith("| sigmoid |"))
+    assert f"{final_loss:.4g}" in next(line for line in table if line.startswith("| vit_sigmoid (sigmoid) |"))
     with Image.open(tmp_path / "cmp" / "compare.png") as png:
         assert png.size[0] > 1000
 

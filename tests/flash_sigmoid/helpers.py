@@ -1,4 +1,5 @@
-"""The FlashAttention accuracy criterion and input factories shared by the flash_sigmoid tests."""
+"""The FlashAttention accuracy criterion and input factories shared by the flash_sigmoid tests;
+the reference is the brute-force one of `tests/brute_force.py`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import torch
 
-from flash_sigmoid.reference import reference_attention
+from .. import brute_force
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -33,11 +34,12 @@ def criterion(ours: torch.Tensor, lowp: torch.Tensor, exact: torch.Tensor, what:
 
 
 def reference_run(q, k, v, bias, dout, *, upcast, scale=None, **kw):
-    """Reference outputs, mass and gradients (q, k, v, bias) for padded inputs."""
+    """Reference outputs, mass and gradients (q, k, v, bias) for padded inputs: in float64
+    (`upcast`), or in the inputs' own precision (the low-precision baseline of the criterion)."""
     dtype = torch.float64 if upcast else q.dtype
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     bias_leaf = torch.as_tensor(bias, dtype=torch.float64 if upcast else torch.float32).detach().requires_grad_()
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, mass = reference_attention(*leaves, scale=scale, bias=bias_leaf, upcast=upcast, **kw)
+    out, mass, _ = brute_force.attention(*leaves, activation="sigmoid", scale=scale, bias=bias_leaf, dtype=dtype, **kw)
     grads = torch.autograd.grad(out, [*leaves, bias_leaf], dout.to(out.dtype))
     return out, mass, grads
