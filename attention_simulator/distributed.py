@@ -71,3 +71,30 @@ def from_main(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value) -> list:
+    """Every process's value of a picklable object, in rank order, on every process."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def reduce_metrics(names: list[str], values: torch.Tensor) -> torch.Tensor:
+    """values (N,) of this process -> over all processes: names ending in `_max` by max, `_min`
+    by min, `rms` as the root of the mean square, the rest averaged (each process holds an equal
+    share of the batch). One collective."""
+    if not dist.is_initialized():
+        return values
+    gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, values)
+    stacked = torch.stack(gathered)  # (processes, N)
+
+    def rule(suffix):
+        return torch.tensor([n.endswith(suffix) for n in names], device=values.device)
+
+    rms = stacked.square().mean(0).sqrt()
+    reduced = torch.where(rule("rms"), rms, stacked.mean(0))
+    return torch.where(rule("_max"), stacked.amax(0), torch.where(rule("_min"), stacked.amin(0), reduced))

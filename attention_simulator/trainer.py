@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 import optorch
 
 from . import checkpoint as ckpt
+from .data.loader import seed_for
 from .diagnostics import Diagnostics, DiagnosticsConfig
-from .distributed import World, sum_across
-from .errors import ConfigError
+from .distributed import World, gather_objects, reduce_metrics, sum_across
+from .errors import CheckpointError, ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,11 +44,18 @@ class TrainerConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={self.precision!r}: use one of {list(PRECISIONS)}.")
-        for name in ("max_steps", "grad_accum", "log_every", "run_steps"):
+        for name in ("max_steps", "grad_accum", "log_every", "run_steps", "keep_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 = only at the end).")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"trainer.grad_clip={self.grad_clip} must be > 0, or null to turn clipping off.")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={self.device} but this machine has no CUDA device; use auto or cpu.")
 
 
 def _to(batch, device):
@@ -69,10 +77,15 @@ class Trainer:
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
         # what training steps call: DDP all-reduces gradients in backward; compiled if asked
-        self.train_model = self.model
+        self.ddp = None
         if world.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.train_model = self.model if self.ddp is None else self.ddp
+        if world.rank:
+            # the weights are identical everywhere (same seed; DDP broadcasts rank 0's): from here
+            # on each process draws its own dropout and drop-path masks
+            torch.manual_seed(seed_for(config.seed, world.rank))
         if config.compile:
             self.train_model = torch.compile(self.train_model)
         self.params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
@@ -89,7 +102,6 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self):
-        self.restore()
         loader = self.data.train_loader(self.cfg.seed, self.batches_consumed, self.world.rank, self.world.world_size)
         batches = iter(loader)
         show = self.cfg.progress and self.world.is_main
@@ -128,17 +140,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def no_sync(self, last_micro_batch: bool):
+        """DDP all-reduces gradients in the last micro-batch's backward only: every other
+        micro-batch runs its forward and backward inside one `no_sync()`."""
+        return contextlib.nullcontext() if last_micro_batch or self.ddp is None else self.ddp.no_sync()
+
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         totals: dict[str, torch.Tensor] = {}
+        if self.scaler:  # activation-gradient probes report unscaled gradients
+            self.diagnostics.grad_unscale = self.loss_scale.scale.reciprocal()
         for micro in range(self.cfg.grad_accum):
-            # DDP all-reduces gradients in the last micro-batch's backward only
-            last = micro == self.cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.world.distributed else self.train_model.no_sync()
-            with sync, self.autocast():
-                loss, metrics = self.task.training_step(self.train_model, _to(next(batches), self.device))
-            self.batches_consumed += 1
-            loss = loss / self.cfg.grad_accum
-            with sync:
+            with self.no_sync(micro == self.cfg.grad_accum - 1):
+                with self.autocast():
+                    loss, metrics = self.task.training_step(self.train_model, _to(next(batches), self.device))
+                self.batches_consumed += 1
+                loss = loss / self.cfg.grad_accum
                 (self.scaler.scale(loss, self.loss_scale) if self.scaler else loss).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.grad_accum
@@ -146,10 +162,11 @@ class Trainer:
         return totals
 
     def optimizer_step(self):
-        grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in self.params.items()}
-        self.diagnostics.record_gradients(self.params, grads)  # before the optimizer consumes them
+        # a parameter without a gradient (unused this step) is left alone, as torch.optim does
+        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
+        found_inf = self.scaler.unscale(grads, self.loss_scale) if self.scaler else None
+        self.diagnostics.record_gradients(self.params, grads)  # unscaled, before the optimizer consumes them
         if self.scaler:
-            found_inf = self.scaler.unscale(grads, self.loss_scale)
             self.loss_scale = self.scaler.update(self.loss_scale, found_inf)
             if found_inf.item():  # the one sync fp16 needs, as GradScaler's
                 self.skipped_steps += 1
@@ -184,11 +201,12 @@ class Trainer:
         bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4g}" for k in shown if k in metrics})
 
     def _to_host(self, device_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-        """All of a logging step's values (0-d tensors), averaged over processes, in one
-        device -> host transfer (and one all-reduce under DDP)."""
+        """All of a logging step's values (0-d tensors) in one device -> host transfer, reduced
+        over processes in one collective (`distributed.reduce_metrics`: maxima by max, minima by
+        min, RMS by root mean square, the rest averaged)."""
         if not device_metrics:
             return {}
-        values = sum_across(torch.stack([v.float() for v in device_metrics.values()])) / self.world.world_size
+        values = reduce_metrics(list(device_metrics), torch.stack([v.float() for v in device_metrics.values()]))
         return dict(zip(device_metrics, values.tolist()))
 
     @torch.no_grad()
@@ -226,18 +244,15 @@ class Trainer:
             "data_position": self.batches_consumed,
             "data": self.data.state_dict(),
             "world_size": self.world.world_size,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-            },
+            "rng": gather_objects(rng_state()),  # every process's: each draws its own masks
         }
 
     def save_checkpoint(self):
+        state = self.state_dict()  # on every process: it gathers their random states
         if not self.world.is_main:
             return
         directory = self.run_dir / "checkpoints"
-        ckpt.save_checkpoint(ckpt.checkpoint_path(directory, self.step), self.state_dict())
+        ckpt.save_checkpoint(ckpt.checkpoint_path(directory, self.step), state)
         ckpt.prune(directory, self.cfg.keep_checkpoints)
         self.tracker.flush()
 
@@ -260,7 +275,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
-        self.opt_state = optorch.load_state_dict(self.opt_state, state["optimizer"])
+        try:
+            self.opt_state = optorch.load_state_dict(self.opt_state, state["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(
+                f"the checkpoint's optimizer state does not fit this run's optimizer ({e}). Resume with the "
+                "optimizer (and trainer.grad_clip on or off) the run was started with."
+            ) from e
         if self.scaler and state["loss_scale"] is not None:
             self.loss_scale = optorch.load_state_dict(self.loss_scale, state["loss_scale"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
@@ -273,7 +294,23 @@ class Trainer:
             )
         if self.tracker.parquet:
             self.tracker.parquet.resume(self.step)
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate(state["rng"]["python"])
+        saved = state["rng"]
+        if self.world.rank < len(saved):
+            set_rng_state(saved[self.world.rank])
+        else:  # more processes than the run had: a new, distinct stream
+            torch.manual_seed(seed_for(self.cfg.seed, self.world.rank, self.step))
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])

@@ -66,6 +66,7 @@ class Diagnostics:
     def __init__(self, config: DiagnosticsConfig, model: nn.Module):
         self.config = config
         self.active, self.gradients, self.suffix = False, False, ""
+        self.grad_unscale: torch.Tensor | float = 1.0  # 1 / the fp16 loss scale: gradients are recorded unscaled
         self.records: dict[str, torch.Tensor] = {}
         for path, module in model.named_modules():
             if isinstance(module, Probe):
@@ -91,11 +92,16 @@ class Diagnostics:
         for name, value in stats.items():
             self.records[f"{key}/{self.suffix}{name}"] = value
 
+    def record_grad(self, key: str, stats: dict[str, torch.Tensor]):
+        """Statistics of a gradient seen by a probe's hook: norms are linear in the loss scale."""
+        self.record(key, {name: value * self.grad_unscale for name, value in stats.items()})
+
     @torch.no_grad()
     def record_gradients(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]):
-        """Parameter and gradient norms: call before the optimizer consumes the gradients."""
+        """Parameter and gradient norms of the parameters that have gradients: call after
+        unscaling, before the optimizer consumes them."""
         if self.active and self.config.parameters:
-            names = list(params)
+            names = list(grads)
             self._per_parameter("param", names, [params[k] for k in names])
             self._per_parameter("grad", names, [grads[k] for k in names])
 
