@@ -1,8 +1,10 @@
 """Config plumbing: resolvers, start-up validation and building components from `_target_`.
 
 Hydra already rejects misspelt command-line keys and group options. This module catches what
-gets past it: a key in a YAML file (an experiment, say) that the target does not take, or a
-top-level section nobody reads. Errors name the key and the closest valid spellings.
+gets past it: a key in a YAML file (an experiment, say) that the target does not take, a value
+of the wrong type for the target's annotation, a top-level section nobody reads, a model that
+does not fit the data. Errors name the key and the closest valid spellings. Exceptions raised
+while building a component are not rewritten: only checks that know the cause raise ConfigError.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import types
+import typing
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .distributed import launched_rank
 from .errors import ConfigError
@@ -76,25 +81,80 @@ def _validate_node(node, path: str) -> None:
     if not isinstance(node, DictConfig):
         return
     if "_target_" in node:
-        target = node["_target_"]
-        try:
-            params = inspect.signature(get_object(target)).parameters
-        except Exception as e:
-            raise ConfigError(f"{path}._target_={target!r} cannot be imported ({e}).") from e
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            for key in node:
-                if key not in params and key not in SPECIAL_KEYS:
-                    raise ConfigError(
-                        f"{path}.{key} is not an option of {target}.{_suggest(key, params)} "
-                        f"Valid options: {sorted(params)}."
-                    )
+        _validate_target(node, path)
     for key in node:
         if key != "_target_":
             _validate_node(node._get_node(key), f"{path}.{key}" if path else str(key))
 
 
-def build(node: DictConfig, path: str, **kwargs):
-    """`instantiate(node, **kwargs)`, with our user-facing errors unwrapped from Hydra's."""
+def _parameters(target: str, path: str) -> dict[str, inspect.Parameter]:
+    try:
+        obj = get_object(target)
+    except Exception as e:
+        raise ConfigError(f"{path}._target_={target!r} cannot be imported ({e}).") from e
+    try:
+        return dict(inspect.signature(obj, eval_str=True).parameters)
+    except NameError:  # an annotation that cannot be evaluated here: check names only
+        return dict(inspect.signature(obj).parameters)
+
+
+def _validate_target(node: DictConfig, path: str) -> None:
+    """Every key is a parameter of the target, and every value fits the parameter's annotation."""
+    target = node["_target_"]
+    params = _parameters(target, path)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in node:
+        if key in SPECIAL_KEYS:
+            continue
+        if key not in params:
+            if open_ended:
+                continue
+            raise ConfigError(
+                f"{path}.{key} is not an option of {target}.{_suggest(key, params)} Valid options: {sorted(params)}."
+            )
+        try:
+            value = node[key]
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}.{key}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
+        expected = _describe_mismatch(value, params[key].annotation)
+        if expected:
+            source = f" (from {node._get_node(key)._value()})" if OmegaConf.is_interpolation(node, key) else ""
+            raise ConfigError(f"{path}.{key}={value!r}{source} must be {expected}.")
+
+
+SIMPLE_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _describe_mismatch(value, annotation) -> str | None:
+    """None if `value` fits `annotation` (or the annotation is not a simple one this can judge),
+    else what it should be, e.g. "an integer or null"."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    options = tuple(typing.get_origin(o) or o for o in options)
+    if not all(o in SIMPLE_TYPES or o in (list, tuple, dict) for o in options):
+        return None
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value)
+
+    def fits(kind) -> bool:
+        if kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if kind is tuple:
+            return isinstance(value, (list, tuple))
+        return isinstance(value, kind)
+
+    if any(fits(o) for o in options):
+        return None
+    names = {list: "a list", tuple: "a list", dict: "a mapping"} | SIMPLE_TYPES
+    return " or ".join(dict.fromkeys(names[o] for o in options))
+
+
+def build(node: DictConfig, argument_errors: tuple[type[Exception], ...] = (), **kwargs):
+    """`instantiate(node, **kwargs)`, with our user-facing errors unwrapped from Hydra's; any
+    other exception is a bug and keeps its traceback. `argument_errors`: exception types the
+    target raises only to reject its arguments (optorch's ValueError): they become ConfigError
+    naming the config section."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -103,6 +163,30 @@ def build(node: DictConfig, path: str, **kwargs):
             cause = cause.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
-        if isinstance(cause, (TypeError, ValueError)):
-            raise ConfigError(f"{path}: {cause}") from e
+        if isinstance(cause, argument_errors):
+            raise ConfigError(f"{node._key()}: {cause}") from cause
         raise
+
+
+def check_model_fits_data(cfg: DictConfig, model_args: dict) -> None:
+    """The data decides some model arguments (classes, image size, vocabulary, mel bins): the
+    chosen model must take exactly those and need nothing else. Names the models that fit."""
+    missing, unexpected = _misfit(cfg.model, model_args)
+    if missing or unexpected:
+        fitting = sorted(
+            p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml") if not any(_misfit(OmegaConf.load(p), model_args))
+        )
+        reasons = [f"the model needs {sorted(missing)}, which the data does not give"] if missing else []
+        reasons += [f"the data gives {sorted(unexpected)}, which the model does not take"] if unexpected else []
+        raise ConfigError(
+            f"model {cfg.model._target_} does not fit data {cfg.data._target_}: {' and '.join(reasons)}. Pick a "
+            f"model for this data: model={' or model='.join(fitting)}."
+        )
+
+
+def _misfit(model_node: DictConfig, model_args: dict) -> tuple[set[str], set[str]]:
+    """(required arguments nobody gives, data arguments the model does not take)."""
+    params = _parameters(model_node._target_, "model")
+    given = set(model_node) | set(model_args) | {"attention"}
+    required = {k for k, p in params.items() if p.default is inspect.Parameter.empty and p.kind is p.KEYWORD_ONLY}
+    return required - given, set(model_args) - set(params)

@@ -8,7 +8,6 @@ seed, device, use_cache.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -16,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import load_checkpoint
+from .cli import exit_on_user_error, run_cli
 from .config import CONFIG_DIR
 from .data.tokenizers import tokenizer_from_json
 from .errors import CheckpointError, ConfigError
@@ -46,7 +46,28 @@ def _unescape(text: str | None) -> str | None:
     return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+OPTION_RULES = {  # key: (test, what the value must be)
+    "max_new_tokens": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "num_samples": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null for no limit"),
+    "top_p": (lambda v: v is None or (_number(v) and 0 < v <= 1), "in (0, 1], or null for no limit"),
+}
+
+
+def check_options(cfg: DictConfig):
+    """Sampling options, checked before the model is loaded."""
+    for key, (ok, rule) in OPTION_RULES.items():
+        if not ok(cfg[key]):
+            raise ConfigError(f"{key}={cfg[key]!r} must be {rule}.")
+
+
 def sample(cfg: DictConfig) -> list[str]:
+    check_options(cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tokenizer = load_language_model(Path(cfg.ckpt), device)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -60,13 +81,10 @@ def sample(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig):
-    try:
+    with exit_on_user_error("generate"):
         for text in sample(cfg):
             print(text)
-    except ConfigError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "generate")

@@ -59,6 +59,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, stop: str 
     def done(ids: list[int]) -> bool:
         return ids[-1] == tokenizer.eos_id or (stop is not None and stop in tokenizer.decode(ids))
 
-    ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, stop=done, **kw)
+    # an empty prompt starts a new document: after the token that ends the previous one
+    ids = generate_ids(model, tokenizer.encode(prompt) or [tokenizer.eos_id], max_new_tokens, stop=done, **kw)
     text = tokenizer.decode(i for i in ids if i != tokenizer.eos_id)
     return text.split(stop)[0] if stop else text

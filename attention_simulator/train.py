@@ -7,21 +7,22 @@ python -m attention_simulator.train --help        # config groups and options
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 import optorch
 
-from .config import CONFIG_DIR, build, validate
+from .cli import exit_on_user_error, run_cli
+from .config import CONFIG_DIR, build, check_model_fits_data, validate
 from .diagnostics import Diagnostics
-from .diagnostics.report import write_report
-from .distributed import World, from_main, join, leave
+from .distributed import World, from_main, join, launched_rank, leave
 from .errors import ConfigError
+from .rundir import RunLock, save_configs, snapshot, undo_start
 from .tracking import Tracker
 from .trainer import Trainer
 
@@ -34,17 +35,23 @@ def seed_everything(seed: int):
 def build_model(cfg: DictConfig, model_args: dict) -> torch.nn.Module:
     """The `model/` config with the `attention/` config and what the data decides (e.g. the
     vocabulary size). A partial: instantiate would turn the AttentionConfig back into a node."""
-    return build(cfg.model, "model", _partial_=True)(attention=build(cfg.attention, "attention"), **model_args)
+    return build(cfg.model, _partial_=True)(attention=build(cfg.attention), **model_args)
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
     """The optimizer from `optimizer/` (a partial) with the `schedule/` multiplier on its lr;
-    no weight decay on biases, norms, LayerScale and embeddings."""
-    schedule = build(cfg.schedule, "schedule")
-    learning_rate = optorch.schedules.scaled(cfg.optimizer.learning_rate, schedule)
-    factory = build(cfg.optimizer, "optimizer")
-    mask = optorch.default_weight_decay_mask(model.named_parameters())
-    return factory(learning_rate=learning_rate, weight_decay_mask=mask), learning_rate
+    weight decay on the weights of linear and convolution layers only."""
+    schedule = build(cfg.schedule, argument_errors=(ValueError,))
+    peak = cfg.optimizer.learning_rate
+    if not (isinstance(peak, (int, float)) and peak > 0):
+        raise ConfigError(f"optimizer.learning_rate={peak!r} must be a number > 0 (the schedule's peak).")
+    learning_rate = optorch.schedules.scaled(peak, schedule)
+    factory = build(cfg.optimizer)
+    mask = optorch.default_weight_decay_mask(model)
+    try:
+        return factory(learning_rate=learning_rate, weight_decay_mask=mask), learning_rate
+    except ValueError as e:  # optorch's argument checks (torch.optim's): they name the argument
+        raise ConfigError(f"optimizer ({cfg.optimizer._target_}): {e} Change it with optimizer.<argument>=...") from e
 
 
 def shared_run_dir(own: Path, world: World) -> Path:
@@ -59,47 +66,76 @@ def shared_run_dir(own: Path, world: World) -> Path:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
-    """Build every component of a composed config into a ready Trainer (one per process under
-    torchrun: only rank 0's writes files)."""
+    """Build every component of a composed config into a Trainer restored from its checkpoint
+    (one per process under torchrun: only rank 0's writes files)."""
     validate(cfg)
-    trainer_cfg = build(cfg.trainer, "trainer")
+    trainer_cfg = build(cfg.trainer)
     world, trainer_cfg.device = join(trainer_cfg.device)
     run_dir = shared_run_dir(run_dir, world)
     seed_everything(trainer_cfg.seed)
-    data = build(cfg.data, "data")
+    data, task = build(cfg.data), build(cfg.task)
+    if task.data_kind != data.kind:
+        raise ConfigError(
+            f"task {cfg.task._target_} trains on {task.data_kind} data, but data={data.name} is {data.kind} data. "
+            f"Choose a task and data of one kind (or start from an experiment: +experiment=vit_*|lm_*|asr_*)."
+        )
+    check_model_fits_data(cfg, data.model_args)
     model = build_model(cfg, data.model_args)
     optimizer, learning_rate = build_optimizer(cfg, model)
     config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = build(cfg.logger, "logger")(run_dir=run_dir, config=config) if world.is_main else Tracker({})
-    diagnostics = Diagnostics(build(cfg.diagnostics, "diagnostics"), model)
-    return Trainer(
-        trainer_cfg, task=build(cfg.task, "task"), model=model, optimizer=optimizer, data=data, tracker=tracker,
-        run_dir=run_dir, learning_rate=learning_rate, diagnostics=diagnostics, world=world,
+    tracker = build(cfg.logger)(run_dir=run_dir, config=config) if world.is_main else Tracker({})
+    diagnostics = Diagnostics(build(cfg.diagnostics), model)
+    trainer = Trainer(
+        trainer_cfg, task=task, model=model, optimizer=optimizer, data=data, tracker=tracker, run_dir=run_dir,
+        learning_rate=learning_rate, diagnostics=diagnostics, world=world,
     )  # fmt: skip
+    trainer.restore()
+    return trainer
+
+
+def start(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Trainer:
+    """make_trainer holding the run directory's lock (rank 0). A start-up error (ConfigError)
+    leaves the directory as it was: what this start added is removed again."""
+    if lock is None:
+        return make_trainer(cfg, run_dir)
+    before = snapshot(run_dir)
+    taken_over = lock.acquire()  # raises if another process is training here: then nothing is touched
+    if taken_over:
+        tqdm.write(taken_over)
+    try:
+        trainer = make_trainer(cfg, run_dir)
+    except ConfigError:
+        lock.release()
+        undo_start(run_dir, before)
+        raise
+    save_configs(trainer.run_dir, cfg)
+    return trainer
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train a composed config; return the final evaluation of the task's main metric (NaN on
     processes other than rank 0)."""
+    lock = RunLock(run_dir) if launched_rank() == 0 else None
     try:
-        trainer = make_trainer(cfg, run_dir).fit()
+        trainer = start(cfg, run_dir, lock).fit()
         if not trainer.world.is_main:
             return float("nan")
+        from .diagnostics.report import write_report  # matplotlib: imported when there is a report to draw
+
         final = write_report(trainer.run_dir, main_metric=trainer.task.main_metric)
         print(f"run dir: {trainer.run_dir}")
         return final.get(f"eval/{trainer.task.main_metric}", float("nan"))
     finally:
+        if lock is not None:
+            lock.release()
         leave()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
+    with exit_on_user_error():
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as e:  # a user error: one paragraph, no traceback
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

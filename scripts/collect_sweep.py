@@ -24,6 +24,9 @@ import pandas as pd  # noqa: E402
 from compare_runs import markdown_table  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from attention_simulator.cli import exit_on_user_error  # noqa: E402
+from attention_simulator.errors import ConfigError  # noqa: E402
+
 SEED = "trainer.seed"
 
 
@@ -40,7 +43,7 @@ def read_runs(root: Path) -> pd.DataFrame:
         numeric = {k: v for k, v in last.items() if not isinstance(v, str)}
         rows.append({"run": str(metrics.parent.relative_to(root)), **overrides, "step": frame["step"].max(), **numeric})
     if not rows:
-        raise SystemExit(f"error: no run directories (.hydra/overrides.yaml + metrics.parquet) under {root}")
+        raise ConfigError(f"no run directories (.hydra/overrides.yaml + metrics.parquet) under {root}")
     return pd.DataFrame(rows)
 
 
@@ -103,10 +106,10 @@ def main(argv=None) -> pd.DataFrame:
     preferred = ("eval/accuracy", "eval/bits_per_byte", "eval/wer", "eval/loss")
     metric = args.metric or next(m for m in (*preferred, *metrics) if m in runs)
     if metric not in runs:
-        raise SystemExit(f"error: no run logged {metric!r}; metrics: {metrics}")
+        raise ConfigError(f"no run logged {metric!r}; metrics: {metrics}")
     swept = swept_keys(runs, [c for c in runs.columns if "/" in c])
     if not swept:
-        raise SystemExit("error: the runs do not differ in any override; nothing was swept")
+        raise ConfigError("the runs do not differ in any override; nothing was swept")
     result = table(runs, swept, [m for m in metrics if m in runs])
     out = args.out or args.multirun_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -122,4 +125,5 @@ def main(argv=None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

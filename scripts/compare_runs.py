@@ -21,13 +21,15 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_simulator.cli import exit_on_user_error  # noqa: E402
 from attention_simulator.diagnostics.report import LAYER_PANELS, layer_columns  # noqa: E402
+from attention_simulator.errors import ConfigError  # noqa: E402
 
 
 def load(run_dir: Path) -> tuple[str, pd.DataFrame]:
     metrics = run_dir / "metrics.parquet"
     if not metrics.exists():
-        raise SystemExit(f"error: {metrics} not found: is {run_dir} a run directory of attention_simulator.train?")
+        raise ConfigError(f"{metrics} not found: is {run_dir} a run directory of attention_simulator.train?")
     frame = pd.read_parquet(metrics)
     config_path = run_dir / ".hydra" / "config.yaml"
     label = run_dir.name
@@ -103,4 +105,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

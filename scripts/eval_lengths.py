@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_simulator.checkpoint import latest_valid, load_checkpoint  # noqa: E402
+from attention_simulator.cli import exit_on_user_error  # noqa: E402
+from attention_simulator.errors import ConfigError  # noqa: E402
 from attention_simulator.train import make_trainer  # noqa: E402
 
 QUIET = ["logger.wandb=false", "logger.parquet=false", "logger.console=false", "diagnostics.every_n_steps=0",
@@ -25,13 +27,17 @@ QUIET = ["logger.wandb=false", "logger.parquet=false", "logger.console=false", "
 
 
 def evaluate(run_dir: Path, lengths: list[int] | None, overrides: list[str]) -> dict[str, float]:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    cfg = OmegaConf.merge(
-        cfg, OmegaConf.from_dotlist(QUIET + overrides + ([f"data.eval_seq_lens={lengths}"] if lengths else []))
-    )
     checkpoint = latest_valid(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise SystemExit(f"error: no complete checkpoint in {run_dir / 'checkpoints'}")
+    config = run_dir / ".hydra" / "config.yaml"
+    if checkpoint is None or not config.is_file():
+        raise ConfigError(
+            f"no complete checkpoint (checkpoints/step_*.pt) and config (.hydra/config.yaml) in {str(run_dir)!r}: "
+            "pass the run directory of an attention_simulator.train run."
+        )
+    cfg = OmegaConf.merge(
+        OmegaConf.load(config),
+        OmegaConf.from_dotlist(QUIET + overrides + ([f"data.eval_seq_lens={lengths}"] if lengths else [])),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(cfg, Path(tmp))
         trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])
@@ -51,4 +57,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

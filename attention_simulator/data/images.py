@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DatasetUnavailableError
-from .loader import EpochBatchSampler, KeyedDataset, eval_batches, make_loader, rows_source
+from .loader import EpochBatchSampler, KeyedDataset, check_batch_sizes, eval_batches, make_loader, rows_source
 from .sources import load_from_hub, local_root
 
 
@@ -110,6 +110,8 @@ def _resize(img, h: int, w: int) -> torch.Tensor:
 class ImageData:
     """Batches `{"images": (B, C, H, W) float, "labels": (B,) int64}` for classification."""
 
+    kind = "images"
+
     def __init__(
         self,
         *,
@@ -128,6 +130,7 @@ class ImageData:
         hflip: bool = True,
         eval_crop: float = 0.875,
     ):
+        check_batch_sizes(batch_size, eval_batch_size)
         if len(mean) != channels or len(std) != channels:
             raise ConfigError(f"data.mean and data.std need {channels} values (data.channels), got {mean} / {std}.")
         self.name, self.source = name, SOURCES.get(name)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import ConfigError
+
 Key = tuple[int, int]  # (epoch, index)
 
 
@@ -23,6 +25,12 @@ def seed_for(*parts: int) -> int:
         h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def check_batch_sizes(batch_size: int, eval_batch_size: int):
+    for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1 (samples per process and batch).")
 
 
 class EpochBatchSampler(Sampler[list[Key]]):

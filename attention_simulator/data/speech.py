@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import ConfigError, DatasetUnavailableError
 from .features import LogMel, SpecAugment, normalise
-from .loader import KeyedDataset, LengthGroupedBatchSampler, eval_batches, make_loader
+from .loader import KeyedDataset, LengthGroupedBatchSampler, check_batch_sizes, eval_batches, make_loader
 from .sources import load_from_hub, local_root
 from .synthesis import SAMPLE_RATE, SynthConfig, normalise_transcript, synthesize_corpus
 
@@ -122,6 +122,8 @@ class SpeechData:
     """Batches {"features": (B, T, n_mels), "feature_lengths": (B,), "targets": (B, S),
     "target_lengths": (B,), "transcripts": list[str]} of length-grouped utterances."""
 
+    kind = "speech"
+
     def __init__(
         self,
         *,
@@ -135,6 +137,7 @@ class SpeechData:
         specaugment: dict | None = None,
         num_workers: int = 0,
     ):
+        check_batch_sizes(batch_size, eval_batch_size)
         self.name, self.batch_size, self.eval_batch_size = name, batch_size, eval_batch_size
         self.group_batches, self.num_workers = group_batches, num_workers
         self.splits = load_speech_dataset(name, path, SynthConfig.from_options(synth or {}))

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DatasetUnavailableError
-from .loader import EpochBatchSampler, KeyedDataset, eval_batches, make_loader
+from .loader import EpochBatchSampler, KeyedDataset, check_batch_sizes, eval_batches, make_loader
 from .sources import load_from_hub, local_root
 from .tokenizers import build_tokenizer
 
@@ -121,6 +121,8 @@ def _whole_batch(rows, generators):
 class TextData:
     """Batches {"inputs": (B, L) int64, "targets": (B, L), "target_bytes": (B, L)} of packed text."""
 
+    kind = "text"
+
     def __init__(
         self,
         *,
@@ -138,6 +140,7 @@ class TextData:
     ):
         if seq_len < 1:
             raise ConfigError(f"data.seq_len={seq_len} must be >= 1.")
+        check_batch_sizes(batch_size, eval_batch_size)
         self.name, self.seq_len = name, seq_len
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.eval_seq_lens = sorted(set(eval_seq_lens or [seq_len]) | {seq_len})

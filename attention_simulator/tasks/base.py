@@ -7,6 +7,7 @@ from torch import nn
 
 class Task:
     main_metric: str  # the eval metric a run reports (and sweeps compare)
+    data_kind: str  # the data it trains on: images | text | speech (the data's `kind`)
 
     def derived(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics computed from logged ones on the host (e.g. perplexity from loss)."""

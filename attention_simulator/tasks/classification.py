@@ -14,6 +14,7 @@ class ClassificationTask(Task):
     the trainer can average exactly over any number of batches (and ranks)."""
 
     main_metric = "accuracy"
+    data_kind = "images"
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing

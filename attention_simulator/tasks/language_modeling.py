@@ -17,6 +17,7 @@ class LanguageModelingTask(Task):
     tokenizers (the end-of-document token has no bytes; its loss still counts)."""
 
     main_metric = "bits_per_byte"
+    data_kind = "text"
 
     def __init__(self, sample_prompts: list[str] = (), sample_tokens: int = 64, sample_temperature: float = 0.0):
         self.sample_prompts, self.sample_tokens = list(sample_prompts), sample_tokens

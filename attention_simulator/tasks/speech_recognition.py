@@ -35,33 +35,49 @@ def edit_counts(references: list[str], hypotheses: list[str]) -> dict[str, tuple
     return {"wer": errors(words), "cer": errors(chars)}
 
 
+def impossible_alignments(frames: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) True where CTC has no path: it needs a frame per label, plus one for the blank that
+    must separate each pair of equal neighbours. CTC's loss there is infinite."""
+    valid_pairs = torch.arange(targets.shape[1] - 1, device=targets.device) < (target_lengths[:, None] - 1)
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & valid_pairs).sum(1)  # (B,)
+    return frames < target_lengths + repeats
+
+
 class SpeechRecognitionTask(Task):
-    """CTC over characters; eval: loss per utterance, and corpus-level CER / WER of greedy decoding."""
+    """CTC over characters; eval: loss per utterance, and corpus-level CER / WER of greedy decoding.
+
+    An utterance whose transcript cannot fit its frames (an impossible alignment: infinite loss)
+    is left out of the loss and counted instead: `ctc_inf` is the fraction of such utterances."""
 
     main_metric = "wer"
+    data_kind = "speech"
 
     def __init__(self, num_samples: int = 2):
         self.num_samples = num_samples
 
     @staticmethod
-    def _ctc(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _ctc(model: nn.Module, batch):
+        """Per-utterance losses divided by transcript length (as reduction="mean"), 0 where the
+        alignment is impossible (also their gradient); which those are; log-probs; frames."""
         log_probs, lengths = model(batch["features"], batch["feature_lengths"])  # (B, T', V), (B,)
         losses = F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths, batch["target_lengths"],
                             blank=BLANK, reduction="none", zero_infinity=True)  # (B,)  # fmt: skip
-        return losses, log_probs, lengths
+        impossible = impossible_alignments(lengths, batch["targets"], batch["target_lengths"])
+        return losses / batch["target_lengths"].clamp(min=1), impossible, log_probs, lengths
 
     def training_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses, _, _ = self._ctc(model, batch)
-        # per utterance, divided by its target length (as reduction="mean"), then averaged
-        loss = (losses / batch["target_lengths"].clamp(min=1)).mean()
-        return loss, {"loss": loss.detach()}
+        losses, impossible, _, _ = self._ctc(model, batch)
+        loss = losses.sum() / (~impossible).sum().clamp(min=1)  # the mean over possible alignments
+        return loss, {"loss": loss.detach(), "ctc_inf": impossible.float().mean()}
 
     @torch.no_grad()
     def eval_step(self, model: nn.Module, batch) -> dict[str, tuple]:
-        losses, log_probs, lengths = self._ctc(model, batch)
+        losses, impossible, log_probs, lengths = self._ctc(model, batch)
         hypotheses = greedy_decode(log_probs, lengths)
-        loss = (losses / batch["target_lengths"].clamp(min=1)).sum()
-        return {"loss": (loss, len(hypotheses))} | edit_counts(batch["transcripts"], hypotheses)
+        count = len(hypotheses)
+        return {"loss": (losses.sum(), count - int(impossible.sum())), "ctc_inf": (impossible.sum(), count)} | (
+            edit_counts(batch["transcripts"], hypotheses)
+        )
 
     @torch.no_grad()
     def samples(self, model: nn.Module, data) -> dict[str, str]:

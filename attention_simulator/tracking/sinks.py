@@ -7,6 +7,7 @@ turns a sink's failure into one warning, after which that sink is dropped and tr
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,23 @@ class ConsoleSink:
 
 
 class WandbSink:
-    """A W&B run under `<run_dir>/wandb`: offline unless WANDB_MODE or `mode` says online."""
+    """A W&B run under `<run_dir>/wandb`: offline unless WANDB_MODE or `mode` says online.
+
+    The run's id is kept in `<run_dir>/wandb/run_id`: a run resumed in the same directory (a
+    later job of a split run, a restart) continues the same W&B run (offline, each job adds an
+    `offline-run-*-<id>` folder; `wandb sync` appends them to one run)."""
 
     def __init__(self, run_dir: Path, config: dict, *, mode: str, project: str, entity=None, group=None, tags=(),
                  name=None):  # fmt: skip
         import wandb
 
+        id_file = Path(run_dir) / "wandb" / "run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
         self.run = wandb.init(
+            id=run_id,
+            resume="allow",
             dir=str(run_dir),
             mode=os.environ.get("WANDB_MODE") or mode,
             project=project,

@@ -178,13 +178,6 @@ def test_lm_learns_and_evaluates_at_several_lengths(tmp_path, monkeypatch):
 
 def test_generate_command(tmp_path):
     train(tmp_path, "+experiment=lm_flash_sigmoid", "trainer.max_steps=5", "data.batch_size=4")
-    # the in-process helper writes no .hydra/; the command line does
-    (tmp_path / ".hydra").mkdir()
-    from omegaconf import OmegaConf
-
-    from .conftest import QUIET, compose_config
-
-    OmegaConf.save(compose_config(*QUIET, "+experiment=lm_flash_sigmoid"), tmp_path / ".hydra" / "config.yaml")
     ckpt = tmp_path / "checkpoints" / "step_0000005.pt"
     command = [sys.executable, "-m", "attention_simulator.generate", f"ckpt={ckpt}", "prompt=The ", "max_new_tokens=12",
                "temperature=0", "num_samples=2"]  # fmt: skip

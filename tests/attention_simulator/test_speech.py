@@ -1,14 +1,18 @@
 """Speech synthesis, audio decoding, log-mel features, padding masks and the ASR training path."""
 
 import io
+import itertools
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile
 import torch
+import torch.nn.functional as F
 
 from attention_simulator.attention import AttentionConfig
+from attention_simulator.checkpoint import list_checkpoints
+from attention_simulator.config import build
 from attention_simulator.data import synthesis
 from attention_simulator.data.features import LogMel, SpecAugment
 from attention_simulator.data.loader import LengthGroupedBatchSampler
@@ -16,9 +20,15 @@ from attention_simulator.data.speech import ALPHABET, BLANK, SpeechData, decode_
 from attention_simulator.data.synthesis import SynthConfig, espeak, speak, synthesize_corpus
 from attention_simulator.errors import ConfigError, DatasetUnavailableError
 from attention_simulator.models.asr import SpeechRecognizer
-from attention_simulator.tasks.speech_recognition import edit_counts, greedy_decode
+from attention_simulator.tasks.speech_recognition import (
+    SpeechRecognitionTask,
+    edit_counts,
+    greedy_decode,
+    impossible_alignments,
+)
+from attention_simulator.train import build_model
 
-from .conftest import train
+from .conftest import QUIET, compose_config, train
 
 SENTENCE = "the quick brown fox jumps over the lazy dog"
 
@@ -202,12 +212,64 @@ def test_librispeech_layout_and_offline_error(tmp_path, no_hub):
         SpeechData(name="librispeech", path=str(tmp_path / "nowhere"))
 
 
-def test_ctc_loss_decreases(tmp_path):
-    train(tmp_path, "+experiment=asr_sigmoid", "trainer.max_steps=30", "trainer.eval_every=0", "data.batch_size=8",
-          "trainer.log_every=5")  # fmt: skip
+def levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
+def test_ctc_loss_decreases_and_eval_cer_is_the_corpus_edit_rate(tmp_path):
+    overrides = ["+experiment=asr_sigmoid", "trainer.max_steps=30", "trainer.eval_every=0", "data.batch_size=8",
+                 "trainer.log_every=5"]  # fmt: skip
+    train(tmp_path, *overrides)
     rows = pd.read_parquet(tmp_path / "metrics.parquet")
     loss = rows["train/loss"].dropna()
     assert loss.iloc[-1] < 0.85 * loss.iloc[0]  # 3.7 -> 2.9: past the initial plateau of blanks
     last = rows.dropna(subset=["eval/wer"]).iloc[-1]
-    assert 0 <= last["eval/cer"] <= 1.5 and 0 <= last["eval/wer@test"] <= 3
-    assert last["samples/0"].startswith("ref: ")
+    assert last["samples/0"].startswith("ref: ") and last["eval/ctc_inf"] == 0
+
+    # the dev CER again, from the final checkpoint, decoded and edit-counted by hand
+    cfg = compose_config(*QUIET, *overrides)
+    data = build(cfg.data)
+    model = build_model(cfg, data.model_args).eval()
+    model.load_state_dict(torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)["model"])
+    edits = characters = 0
+    with torch.no_grad():
+        for batch in data.eval_loaders()[""]:
+            log_probs, lengths = model(batch["features"], batch["feature_lengths"])
+            for path, n, reference in zip(log_probs.argmax(-1), lengths, batch["transcripts"]):
+                ids = [key for key, _ in itertools.groupby(path[: int(n)].tolist()) if key != BLANK]
+                hypothesis = " ".join("".join(ALPHABET[i - 1] for i in ids).split())
+                edits, characters = edits + levenshtein(reference, hypothesis), characters + len(reference)
+    assert last["eval/cer"] == pytest.approx(edits / characters, rel=1e-9)
+
+
+def test_impossible_alignments_are_counted_and_left_out_of_the_loss():
+    """CTC has no path when frames < labels + repeated neighbours: its loss is infinite. The task
+    counts those utterances (ctc_inf) and averages the loss over the others."""
+    g = torch.Generator().manual_seed(0)
+    targets = torch.tensor([[3, 3, 4, 0, 0], [5, 6, 7, 8, 9], [2, 2, 2, 0, 0], [7, 0, 0, 0, 0]])
+    target_lengths = torch.tensor([3, 5, 3, 1])
+    for frames in itertools.product([1, 3, 4, 5, 6], repeat=2):
+        frame_lengths = torch.tensor([*frames, 5, 1])
+        log_probs = torch.randn(6, 4, 10, generator=g).log_softmax(-1)
+        infinite = F.ctc_loss(log_probs, targets, frame_lengths, target_lengths, reduction="none").isinf()
+        assert impossible_alignments(frame_lengths, targets, target_lengths).tolist() == infinite.tolist()
+
+    torch.manual_seed(0)
+    model = SpeechRecognizer(n_mels=20, vocab_size=29, dim=32, depth=1, num_heads=4, subsampling_channels=8).eval()
+    features, feature_lengths = torch.randn(3, 41, 20), torch.tensor([41, 41, 13])  # 9, 9 and 2 frames
+    targets = torch.tensor([[3, 4, 5], [3, 4, 0], [3, 4, 5]])
+    batch = {"features": features, "feature_lengths": feature_lengths, "targets": targets,
+             "target_lengths": torch.tensor([3, 2, 3]), "transcripts": ["abc", "ab", "abc"]}  # fmt: skip
+    loss, metrics = SpeechRecognitionTask().training_step(model, batch)
+    log_probs, frames = model(features, feature_lengths)
+    possible = slice(0, 2)
+    expected = F.ctc_loss(
+        log_probs[possible].transpose(0, 1), targets[possible], frames[possible], torch.tensor([3, 2])
+    )
+    torch.testing.assert_close(loss, expected)
+    assert metrics["ctc_inf"] == pytest.approx(1 / 3)

@@ -17,6 +17,8 @@ from .test_train_command import run_train
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import collect_sweep  # noqa: E402
 
+from attention_simulator.errors import ConfigError  # noqa: E402
+
 SWEEP = ["-m", "+experiment=vit_sigmoid", "attention.sigmoid_bias=-2,-6", "trainer.max_steps=4", "data.batch_size=32"]
 
 
@@ -66,5 +68,5 @@ def test_sweep_presets_are_multiruns(preset, swept):
 
 
 def test_collect_sweep_says_when_there_is_nothing(tmp_path):
-    with pytest.raises(SystemExit, match="no run directories"):
+    with pytest.raises(ConfigError, match="no run directories"):
         collect_sweep.main([str(tmp_path)])

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from PIL import Image
 
@@ -48,23 +47,9 @@ def test_vit_sigmoid_command_writes_a_complete_run_dir(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-def test_user_errors_are_one_paragraph_and_exit_non_zero(tmp_path):
-    result = run_train("+experiment=vit_sigmoid", "model.num_heads=5", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "error: model width 64 is not divisible by num_heads=5" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "checkpoints").exists()
-
-
 def test_help_lists_the_config_groups(tmp_path):
     result = run_train("--help", cwd=tmp_path)
     assert result.returncode == 0
     for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"):
         options = ", ".join(sorted(f.stem for f in group.glob("*.yaml")))
         assert f"{group.name}: {options}" in result.stdout
-
-
-@pytest.mark.parametrize("override", ["attention=sigmod", "trainer.max_stepz=3"])
-def test_misspellings_fail_at_start_up(override, tmp_path):
-    result = run_train(override, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode != 0 and override.split("=")[0].split(".")[-1] in result.stderr

@@ -1,0 +1,131 @@
+"""Bad input on the command line, as a user types it: each case runs as a subprocess and must
+exit with code 2, print one paragraph (`error: ...`, no traceback) that names the culprit and
+the fix, and write nothing -- no run directory in a fresh working directory, not a byte
+changed in an existing run directory."""
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from attention_simulator.rundir import RunLock
+
+from ..attention_simulator.conftest import train
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+TRAIN = [sys.executable, "-m", "attention_simulator.train"]
+GENERATE = [sys.executable, "-m", "attention_simulator.generate"]
+VIT = [*TRAIN, "+experiment=vit_sigmoid"]
+
+# id: (command, fragments the message must contain); {run}, {corrupt}, {locked}, {ckpt} are filled in
+CASES = {
+    "misspelt key": ([*VIT, "model.dpeth=3"], ["model.dpeth", "Did you mean model.depth"]),
+    "misspelt group option": ([*VIT, "attention=sigmod"], ["attention=sigmod", "Did you mean sigmoid"]),
+    "misspelt experiment": ([*TRAIN, "+experiment=vit_sigmod"], ["experiment=vit_sigmod", "vit_sigmoid"]),
+    "unknown section": ([*VIT, "+trainr.max_steps=3"], ["'trainr'", "Did you mean 'trainer'"]),
+    "unparsable override": ([*VIT, "trainer.max_steps=[1"], ["could not be parsed", "'[1'"]),
+    "wrong type": ([*VIT, "trainer.max_steps=abc"], ["'abc'", "trainer.max_steps", "an integer"]),
+    "adam beta 1.0": ([*VIT, "optimizer.b2=1.0"], ["b2: 1.0", "[0, 1)", "optimizer."]),
+    "negative learning rate": ([*VIT, "optimizer.learning_rate=-1"], ["optimizer.learning_rate=-1", "> 0"]),
+    "warmup longer than the run": ([*VIT, "schedule.warmup_steps=5000"], ["warmup_steps=5000", "schedule"]),
+    "language model on images": ([*VIT, "model=lm_tiny"], ["DecoderLM", "vocab_size", "model=vit_tiny"]),
+    "task on other data": ([*TRAIN, "+experiment=lm_sigmoid", "task=classification"], ["images", "text", "data"]),
+    "negative kv heads": ([*VIT, "attention.num_kv_heads=-2"], ["attention.num_kv_heads=-2", ">= 1"]),
+    "backend cannot honour": (
+        [*TRAIN, "+experiment=vit_softmax", "attention.sigmoid_bias=-2"],
+        ["sigmoid_bias", "backends that can"],
+    ),  # fmt: skip
+    "zero batch": ([*VIT, "data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
+    "negative clipping": ([*VIT, "trainer.grad_clip=-1"], ["trainer.grad_clip=-1", "null"]),
+    "unknown precision": ([*VIT, "trainer.precision=fp8"], ["trainer.precision='fp8'", "fp32"]),
+    "cuda without a GPU": ([*VIT, "trainer.device=cuda"], ["trainer.device=cuda", "cpu"]),
+    "dataset offline": ([*VIT, "data=cifar10"], ["cifar10", "data.path"]),
+    "missing data path": ([*TRAIN, "+experiment=lm_sigmoid", "data.path=/no/such/dir"], ["/no/such/dir", "exist"]),
+    "missing checkpoint": ([*VIT, "trainer.resume=/no/such/step_0000001.pt"], ["/no/such/step_0000001.pt", "exist"]),
+    "corrupt checkpoint": ([*VIT, "trainer.resume={corrupt}"], ["corrupt", "earlier checkpoint"]),
+    "another optimizer's checkpoint": (
+        [*VIT, "optimizer=sgd", "trainer.resume=auto", "hydra.run.dir={run}"],
+        ["optimizer state does not fit", "the optimizer"],
+    ),  # fmt: skip
+    "fresh start over a run": ([*VIT, "hydra.run.dir={run}"], ["already holds checkpoints", "trainer.resume=auto"]),
+    "run in use": (
+        [*VIT, "trainer.resume=auto", "hydra.run.dir={locked}"],
+        ["in use by another training process", f"PID {os.getpid()}", "another hydra.run.dir"],
+    ),  # fmt: skip
+    "generate without a checkpoint": ([*GENERATE], ["ckpt", "ckpt=..."]),
+    "generate from a vision checkpoint": ([*GENERATE, "ckpt={ckpt}"], ["not a language-model checkpoint"]),
+    "collect an empty sweep": ([sys.executable, str(SCRIPTS / "collect_sweep.py"), "."], ["no run directories"]),
+    "evaluate a run without checkpoints": (
+        [sys.executable, str(SCRIPTS / "eval_lengths.py"), "{empty}"],
+        ["no complete checkpoint"],
+    ),  # fmt: skip
+}
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run every case (two at a time) against prepared run directories; (returncode, stderr,
+    what changed)."""
+    base = tmp_path_factory.mktemp("bad_input")
+    run, locked, empty = base / "run", base / "locked", base / "empty"
+    train(run, "+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32")
+    for d in (run, locked, empty):
+        d.mkdir(exist_ok=True)
+        (d / "train.log").touch()  # as a command-line run has
+    shutil.copytree(run / "checkpoints", locked / "checkpoints")
+    ckpt = run / "checkpoints" / "step_0000002.pt"
+    corrupt = base / "corrupt" / "step_0000002.pt"
+    corrupt.parent.mkdir()
+    for src in (ckpt, ckpt.with_name(ckpt.name + ".sha256")):
+        shutil.copy(src, corrupt.parent / src.name)
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt.write_bytes(data)
+    paths = {"run": run, "locked": locked, "empty": empty, "ckpt": ckpt, "corrupt": corrupt}
+    lock = RunLock(locked)
+    lock.acquire()  # this process is "the first run"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    existing = [run, locked, empty, corrupt.parent]
+
+    def one(case):
+        command = [arg.format(**paths) for arg in CASES[case][0]]
+        cwd = base / "cwd" / case.replace(" ", "_").replace("'", "")
+        cwd.mkdir(parents=True)
+        before = {d: contents(d) for d in existing}
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        changed = [str(d) for d in existing if contents(d) != before[d]] + [p.name for p in cwd.iterdir()]
+        return result.returncode, result.stderr, changed
+
+    try:
+        # the cases that touch the shared run directories run one at a time
+        shared = [c for c in CASES if any(f"{{{k}}}" in " ".join(CASES[c][0]) for k in ("run", "locked"))]
+        alone = [c for c in CASES if c not in shared]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            out = dict(zip(alone, pool.map(one, alone)))
+        out |= {c: one(c) for c in shared}
+    finally:
+        lock.release()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_paragraph_exit_2_and_writes_nothing(results, case):
+    returncode, stderr, changed = results[case]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert returncode == 2, stderr[-3000:]
+    paragraphs = [p for p in stderr.strip().split("\n\n") if p.strip()]
+    message = paragraphs[-1]
+    assert message.startswith("error: ") and "\n" not in message.strip(), stderr
+    for fragment in CASES[case][1]:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not changed, f"written or changed: {changed}"
