@@ -1,0 +1,130 @@
+"""Every CUDA branch, for a machine with a GPU: `python -m pytest -m gpu` (skipped without one).
+
+The Triton kernels against the brute-force reference on the device, flash-attn's backend when
+installed, the trainer in bf16 and fp16 with CUDA random states resumed exactly, padded
+training steps that never synchronise, NCCL with two GPUs, and offsets past 2³¹ elements.
+"""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from attention_simulator.attention import AttentionConfig
+from attention_simulator.checkpoint import list_checkpoints
+from attention_simulator.models.asr import SpeechRecognizer
+from flash_sigmoid import flash_attn_func, flash_attn_varlen_func
+
+from ..attention_simulator.conftest import train
+from ..attention_simulator.test_parity_matrix import check_backends
+from ..flash_sigmoid.helpers import criterion, make_inputs, reference_run
+from ..flash_sigmoid.test_accuracy import SHAPES
+
+pytestmark = pytest.mark.gpu
+CUDA = ["trainer.device=cuda"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_kernels_on_the_device(shape, causal, dtype):
+    b, tq, tk, h, hk, d = shape
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make_inputs(b, tq, tk, h, hk, d, dtype))
+    bias = torch.linspace(-3.0, 0.5, h, device="cuda").requires_grad_()
+    out, mass = flash_attn_func(q, k, v, causal=causal, sigmoid_bias=bias, return_attn_mass=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v, bias], dout)
+    cpu = [t.detach().cpu() for t in (q, k, v)]
+    exact = reference_run(*cpu, bias.detach().cpu(), dout.cpu(), upcast=True, causal=causal)
+    lowp = reference_run(*cpu, bias.detach().cpu(), dout.cpu(), upcast=False, causal=causal)
+    criterion(out.cpu(), lowp[0], exact[0], "out")
+    criterion(mass.cpu(), lowp[1], exact[1], "mass")
+    for name, ours, lo, ex in zip(("dq", "dk", "dv", "dbias"), grads, lowp[2], exact[2]):
+        criterion(ours.cpu(), lo, ex, name)
+
+
+def test_varlen_kernels_with_rows_past_the_last_sequence():
+    """Padded batches pack B·T rows with the real ones first: rows past cu_seqlens[-1] stay 0."""
+    q, k, v = (torch.randn(12, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32, device="cuda")
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, causal=True)
+    assert torch.equal(out[9:], torch.zeros_like(out[9:]))
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], torch.randn_like(out))
+    for grad in (dq, dk, dv):
+        assert torch.equal(grad[9:], torch.zeros_like(grad[9:]))
+
+
+def test_offsets_past_two_to_the_31_elements():
+    """A second sequence 2³¹ elements into its buffer (batch stride 2³¹): int32 offsets would wrap."""
+    if torch.cuda.get_device_properties(0).total_memory < 12 * 2**30:
+        pytest.skip("needs 12 GB of device memory")
+    buffer = torch.randn(2**31 + 64 * 4 * 64, device="cuda", dtype=torch.float16)
+    q = buffer.as_strided((2, 64, 4, 64), (2**31, 256, 64, 1))
+    k = torch.randn(1, 64, 4, 64, device="cuda", dtype=torch.float16).expand(2, -1, -1, -1).contiguous()
+    out = flash_attn_func(q, k, k, sigmoid_bias=-4.0)
+    alone = flash_attn_func(q[1:].contiguous(), k[1:], k[1:], sigmoid_bias=-4.0)
+    torch.testing.assert_close(out[1:], alone)
+
+
+def test_flash_attn_backend_matches_the_brute_force():
+    pytest.importorskip("flash_attn")
+    for causal, padded in ((False, False), (True, True)):
+        check_backends(["flash_softmax"], causal, None, padded, "alibi", 2)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_trainer_on_cuda_resumes_exactly_with_dropout(precision, tmp_path):
+    common = ["+experiment=vit_sigmoid", *CUDA, f"trainer.precision={precision}", "trainer.max_steps=8",
+              "model.drop_path=0.2", "attention.attn_drop=0.1", "data.batch_size=32"]  # fmt: skip
+    train(tmp_path / "straight", *common)
+    train(tmp_path / "split", *common, "trainer.run_steps=4")
+    train(tmp_path / "split", *common, "trainer.resume=auto")
+    rows = {d: pd.read_parquet(tmp_path / d / "metrics.parquet") for d in ("straight", "split")}
+    pd.testing.assert_series_equal(rows["straight"]["train/loss"], rows["split"]["train/loss"])
+    state = torch.load(list_checkpoints(tmp_path / "split" / "checkpoints")[-1], weights_only=True)
+    assert state["rng"][0]["cuda"]  # the CUDA generator's state is saved and restored
+    assert rows["straight"]["train/loss"].dropna().iloc[-1] < rows["straight"]["train/loss"].dropna().iloc[0]
+
+
+@pytest.mark.parametrize("backend", ["softmax", "sigmoid", "flash_softmax", "flash_sigmoid"])
+def test_padded_forward_and_backward_do_not_synchronise(backend):
+    """The speech model on a right-padded batch: masks, varlen packing and probes never make the
+    host wait. (torch's CTC loss copies its length tensors to the host itself: not measured.)"""
+    sigmoid = "sigmoid" in backend
+    attention = AttentionConfig(backend=backend, sigmoid_bias="auto" if sigmoid else None, position="rope")
+    model = SpeechRecognizer(n_mels=80, vocab_size=29, dim=64, depth=2, num_heads=4, attention=attention).cuda()
+    features = torch.randn(4, 400, 80, device="cuda")
+    lengths = torch.tensor([400, 310, 222, 97], device="cuda")
+    model(features, lengths)[0].sum().backward()  # warm-up: allocations, autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        log_probs, frames = model(features, lengths)
+        real = torch.arange(log_probs.shape[1], device="cuda")[None, :] < frames[:, None]
+        (log_probs * real[..., None]).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_two_gpus_match_one(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    run = ["+experiment=vit_sigmoid", *CUDA, "trainer.max_steps=4", "trainer.log_every=1", "logger.wandb=false"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "attention_simulator.train", *run, "data.batch_size=16", f"hydra.run.dir={tmp_path / 'two'}"]  # fmt: skip
+    one = [
+        sys.executable,
+        "-m",
+        "attention_simulator.train",
+        *run,
+        "data.batch_size=32",
+        f"hydra.run.dir={tmp_path / 'one'}",
+    ]
+    for command in (two, one):
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    frames = [pd.read_parquet(tmp_path / d / "metrics.parquet")[["train/loss", "eval/loss"]] for d in ("two", "one")]
+    pd.testing.assert_frame_equal(*frames, rtol=1e-4)
