@@ -97,24 +97,23 @@ def results(tmp_path_factory):
     existing = [run, locked, empty, corrupt.parent]
 
     def one(case):
-        command = [arg.format(**paths) for arg in CASES[case][0]]
-        cwd = base / "cwd" / case.replace(" ", "_").replace("'", "")
+        name = case.replace(" ", "_").replace("'", "")
+        cwd = base / "cwd" / name
         cwd.mkdir(parents=True)
-        before = {d: contents(d) for d in existing}
+        own_run = base / f"run_{name}"  # a copy per case: cases run two at a time
+        shutil.copytree(run, own_run)
+        command = [arg.format(**(paths | {"run": own_run})) for arg in CASES[case][0]]
+        watched = [*existing, own_run]
+        before = {d: contents(d) for d in watched}
         result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-        changed = [str(d) for d in existing if contents(d) != before[d]] + [p.name for p in cwd.iterdir()]
+        changed = [str(d) for d in watched if contents(d) != before[d]] + [p.name for p in cwd.iterdir()]
         return result.returncode, result.stderr, changed
 
     try:
-        # the cases that touch the shared run directories run one at a time
-        shared = [c for c in CASES if any(f"{{{k}}}" in " ".join(CASES[c][0]) for k in ("run", "locked"))]
-        alone = [c for c in CASES if c not in shared]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            out = dict(zip(alone, pool.map(one, alone)))
-        out |= {c: one(c) for c in shared}
+            return dict(zip(CASES, pool.map(one, CASES)))
     finally:
         lock.release()
-    return out
 
 
 @pytest.mark.slow
