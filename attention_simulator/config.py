@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -27,7 +28,8 @@ from .distributed import launched_rank
 from .errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-SECTIONS = {"name", "task", "data", "model", "attention", "optimizer", "schedule", "diagnostics", "logger", "trainer"}
+SECTIONS = {"name", "task", "data", "model", "attention", "sigmoid", "optimizer", "schedule", "diagnostics", "logger",
+            "trainer"}  # fmt: skip
 SPECIAL_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
@@ -54,7 +56,20 @@ def main_process(value, otherwise=None):
     return value if launched_rank() == 0 else otherwise
 
 
-RESOLVERS = {"fraction_of": fraction_of, "neg_log": neg_log, "run_group": run_group, "main_process": main_process}
+def jobs_at_once(launcher: str) -> int | None:
+    """`${jobs_at_once:${hydra.launcher._target_}}`: how many runs of a sweep submitit's local
+    launcher starts at once (Hydra's `hydra.sweeper.max_batch_size`): one per GPU, else one per
+    4 CPU cores (each training process uses several threads), at least one. Other launchers: no
+    limit (the basic one runs one at a time anyway; SLURM has array_parallelism)."""
+    if not launcher.endswith("LocalLauncher"):
+        return None
+    import torch  # only here: resolving a config must not need torch otherwise
+
+    return torch.cuda.device_count() or max(1, (os.cpu_count() or 1) // 4)
+
+
+RESOLVERS = {"fraction_of": fraction_of, "neg_log": neg_log, "run_group": run_group, "main_process": main_process,
+             "jobs_at_once": jobs_at_once}  # fmt: skip
 for _name, _fn in RESOLVERS.items():
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
@@ -166,6 +181,19 @@ def build(node: DictConfig, argument_errors: tuple[type[Exception], ...] = (), *
         if isinstance(cause, argument_errors):
             raise ConfigError(f"{node._key()}: {cause}") from cause
         raise
+
+
+def unused_sigmoid_options(cfg: DictConfig) -> str | None:
+    """A note when the `sigmoid:` section is set but the backend is softmax, which ignores it
+    (on purpose: a sweep over attention=softmax,sigmoid keeps an experiment's sigmoid recipe)."""
+    if "sigmoid" not in cfg or "sigmoid" in str(cfg.attention.backend):
+        return None
+    defaults = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml").sigmoid
+    changed = {k: v for k, v in cfg.sigmoid.items() if k in defaults and v != defaults[k]}
+    if not changed:
+        return None
+    listed = ", ".join(f"sigmoid.{k}={v}" for k, v in changed.items())
+    return f"attention.backend={cfg.attention.backend} is softmax attention: {listed} not used."
 
 
 def check_model_fits_data(cfg: DictConfig, model_args: dict) -> None:

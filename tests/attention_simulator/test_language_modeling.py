@@ -180,13 +180,16 @@ def test_generate_command(tmp_path):
     train(tmp_path, "+experiment=lm_flash_sigmoid", "trainer.max_steps=5", "data.batch_size=4")
     ckpt = tmp_path / "checkpoints" / "step_0000005.pt"
     command = [sys.executable, "-m", "attention_simulator.generate", f"ckpt={ckpt}", "prompt=The ", "max_new_tokens=12",
-               "temperature=0", "num_samples=2"]  # fmt: skip
+               "temperature=0", "num_samples=2", "stop=null"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    first, second = result.stdout.splitlines()[:2]
+    samples = result.stdout.split("--- sample 2 of 2 ---\n")  # samples are told apart
+    assert len(samples) == 2 and samples[0].startswith("--- sample 1 of 2 ---\n")
+    first, second = samples[0].split("\n", 1)[1], samples[1]
     assert first == second and first.startswith("The ")  # greedy twice: the same text
     bad = subprocess.run(command[:3] + [f"ckpt={tmp_path / 'nope.pt'}"], capture_output=True, text=True, cwd=tmp_path)
-    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "ckpt=" in bad.stderr
+    assert "trainer.resume" not in bad.stderr  # generate's advice, not training's
 
 
 def test_text_dataset_errors_and_local_folders(tmp_path, no_hub):
