@@ -9,6 +9,7 @@ how they reach `run_cli`; a user who set HYDRA_FULL_ERROR=1 gets every traceback
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
@@ -32,6 +33,7 @@ def run_cli(main: Callable[[], object], config_name: str = "train") -> None:
     global _tracebacks
     _tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    logging.captureWarnings(True)  # warnings reach the console and train.log through logging
     with exit_on_user_error(config_name):
         main()
 
@@ -48,6 +50,7 @@ def exit_on_user_error(config_name: str = "train"):
     except USER_ERRORS as e:
         if _tracebacks:
             raise
+        # the console only: a failed start leaves the run directory as it was, train.log included
         print(f"error: {explain(e, config_name)}", file=sys.stderr)
         sys.exit(2)
 

@@ -6,6 +6,7 @@ python -m attention_simulator.train --help        # config groups and options
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -13,18 +14,20 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 import optorch
 
 from .cli import exit_on_user_error, run_cli
-from .config import CONFIG_DIR, build, check_model_fits_data, validate
+from .config import CONFIG_DIR, build, check_model_fits_data, unused_sigmoid_options, validate
 from .diagnostics import Diagnostics
 from .distributed import World, from_main, join, launched_rank, leave
 from .errors import ConfigError
+from .logs import to_log_files
 from .rundir import RunLock, save_configs, snapshot, undo_start
 from .tracking import Tracker
 from .trainer import Trainer
+
+log = logging.getLogger("attention_simulator.train")  # not __name__: this module runs as __main__
 
 
 def seed_everything(seed: int):
@@ -80,16 +83,18 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
             f"Choose a task and data of one kind (or start from an experiment: +experiment=vit_*|lm_*|asr_*)."
         )
     check_model_fits_data(cfg, data.model_args)
+    if (note := unused_sigmoid_options(cfg)) and world.is_main:
+        log.info(note)
     model = build_model(cfg, data.model_args)
     optimizer, learning_rate = build_optimizer(cfg, model)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = build(cfg.logger)(run_dir=run_dir, config=config) if world.is_main else Tracker({})
     diagnostics = Diagnostics(build(cfg.diagnostics), model)
     trainer = Trainer(
-        trainer_cfg, task=task, model=model, optimizer=optimizer, data=data, tracker=tracker, run_dir=run_dir,
+        trainer_cfg, task=task, model=model, optimizer=optimizer, data=data, tracker=Tracker({}), run_dir=run_dir,
         learning_rate=learning_rate, diagnostics=diagnostics, world=world,
     )  # fmt: skip
-    trainer.restore()
+    trainer.restore()  # the last start-up check: W&B and the parquet file only start after it
+    if world.is_main:
+        trainer.attach_tracker(build(cfg.logger)(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True)))
     return trainer
 
 
@@ -101,7 +106,7 @@ def start(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Trainer:
     before = snapshot(run_dir)
     taken_over = lock.acquire()  # raises if another process is training here: then nothing is touched
     if taken_over:
-        tqdm.write(taken_over)
+        log.warning(taken_over)
     try:
         trainer = make_trainer(cfg, run_dir)
     except ConfigError:
@@ -112,6 +117,13 @@ def start(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Trainer:
     return trainer
 
 
+def continue_command(run_dir: Path) -> str:
+    """The command that continues a run stopped at trainer.run_steps."""
+    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
+    kept = [o for o in typed if not o.startswith(("hydra.run.dir=", "trainer.resume="))]
+    return " ".join(["python -m attention_simulator.train", *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train a composed config; return the final evaluation of the task's main metric (NaN on
     processes other than rank 0)."""
@@ -120,10 +132,16 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         trainer = start(cfg, run_dir, lock).fit()
         if not trainer.world.is_main:
             return float("nan")
+        if trainer.step < trainer.cfg.max_steps:
+            log.info(
+                f"stopped at step {trainer.step} of {trainer.cfg.max_steps}: this job's share "
+                f"(trainer.run_steps={trainer.cfg.run_steps}) is done and checkpointed. Continue with\n"
+                f"  {continue_command(trainer.run_dir)}"
+            )
         from .diagnostics.report import write_report  # matplotlib: imported when there is a report to draw
 
-        final = write_report(trainer.run_dir, main_metric=trainer.task.main_metric)
-        print(f"run dir: {trainer.run_dir}")
+        final = write_report(trainer.run_dir, main_metric=trainer.task.main_metric, name=cfg.name)
+        log.info(f"run dir: {trainer.run_dir}")
         return final.get(f"eval/{trainer.task.main_metric}", float("nan"))
     finally:
         if lock is not None:
@@ -134,7 +152,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     with exit_on_user_error():
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        try:
+            return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except Exception as e:  # a bug or a crash: its traceback belongs in train.log too
+            if not isinstance(e, ConfigError):
+                to_log_files("training failed", exc_info=e)
+            raise
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .distributed import World, gather_objects, reduce_metrics, sum_across
 from .errors import CheckpointError, ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -247,6 +249,12 @@ class Trainer:
             "rng": gather_objects(rng_state()),  # every process's: each draws its own masks
         }
 
+    def attach_tracker(self, tracker):
+        """Where metrics go, once restored (a resumed run keeps its earlier rows up to its step)."""
+        self.tracker = tracker
+        if tracker.parquet and self.step:
+            tracker.parquet.resume(self.step)
+
     def save_checkpoint(self):
         state = self.state_dict()  # on every process: it gathers their random states
         if not self.world.is_main:
@@ -267,11 +275,11 @@ class Trainer:
                     "Continue it with trainer.resume=auto, or start fresh in another hydra.run.dir."
                 )
             if self.cfg.resume:
-                tqdm.write(f"trainer.resume=auto: no checkpoint in {str(directory)!r} yet; starting at step 0")
+                log.info(f"trainer.resume=auto: no checkpoint in {str(directory)!r} yet; starting at step 0")
             return
         state = ckpt.load_checkpoint(path)
         self.load_state_dict(state)
-        tqdm.write(f"resumed from {path} at step {self.step}")
+        log.info(f"resumed from {path} at step {self.step}")
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
@@ -288,12 +296,10 @@ class Trainer:
         self.batches_consumed = state["data_position"]  # global batches: each process drew one of each
         saved_world = state.get("world_size", 1)
         if saved_world != self.world.world_size and self.world.is_main:
-            tqdm.write(
+            log.warning(
                 f"resuming a {saved_world}-process run in {self.world.world_size}: the data continues at global batch "
                 f"{self.batches_consumed}; it is the same data only if data.batch_size × processes is unchanged."
             )
-        if self.tracker.parquet:
-            self.tracker.parquet.resume(self.step)
         saved = state["rng"]
         if self.world.rank < len(saved):
             set_rng_state(saved[self.world.rank])

@@ -6,6 +6,7 @@ turns a sink's failure into one warning, after which that sink is dropped and tr
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 import warnings
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class ParquetSink:
@@ -52,10 +54,10 @@ class ConsoleSink:
     def log(self, step: int, metrics: dict[str, float]):
         evals = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if evals:
-            tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in evals.items()))
+            log.info(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in evals.items()))
         for key, text in metrics.items():
             if isinstance(text, str):
-                tqdm.write(f"{key}: {text!r}")
+                log.info(f"{key}: {text!r}")
 
     def flush(self):
         pass

@@ -1,5 +1,7 @@
 """Resume is exact; checkpoints are verified; accumulation and precisions work."""
 
+import subprocess
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,6 +36,13 @@ def test_resume_continues_bitwise(tmp_path):
     pd.testing.assert_series_equal(rows_a["train/loss"], rows_b["train/loss"])
     pd.testing.assert_series_equal(rows_a["eval/accuracy"], rows_b["eval/accuracy"])
     assert list(rows_a["step"]) == list(rows_b["step"])  # the resumed run's rows are not duplicated
+
+
+def test_checkpoint_digests_are_in_sha256sum_format(tmp_path):
+    train(tmp_path, *RANDOM, "trainer.max_steps=2")
+    result = subprocess.run(["sha256sum", "-c", "step_0000002.pt.sha256"], cwd=tmp_path / "checkpoints",
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and "step_0000002.pt: OK" in result.stdout
 
 
 def test_resume_from_a_run_directory_and_a_file(tmp_path):
@@ -103,7 +112,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp16"])  # bf16: README's command (tests/e2e/test_readme.py), torchrun's
 def test_low_precision_trains(precision, tmp_path):
     train(tmp_path, "+experiment=vit_sigmoid", "trainer.max_steps=30", f"trainer.precision={precision}")
     rows = pd.read_parquet(tmp_path / "metrics.parquet")
