@@ -1,7 +1,8 @@
 """Checkpoint files: written atomically, verified before loading.
 
 `step_0000100.pt` is written to a temporary file, fsynced and renamed into place; then its
-SHA-256 goes to `step_0000100.pt.sha256` the same way. The digest file is the commit marker:
+SHA-256 goes to `step_0000100.pt.sha256` the same way, in `sha256sum`'s format (so
+`sha256sum -c step_0000100.pt.sha256` checks a copy by hand). The digest file is the commit marker:
 a checkpoint without one (a crash mid-save) or whose digest differs (a corrupt copy) is never
 loaded. torch's own zip reader catches truncation but not flipped bits.
 """
@@ -44,7 +45,7 @@ def save_checkpoint(path: Path, payload: dict):
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _atomic_write(digest, _sha256(path).encode())
+    _atomic_write(digest, f"{_sha256(path)}  {path.name}\n".encode())
 
 
 def _sha256(path: Path) -> str:
@@ -55,29 +56,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path) -> None:
-    """Raise CheckpointError unless `path` is a complete, uncorrupted checkpoint."""
+def verify(path: Path, fix: str = "Pass an existing checkpoints/step_*.pt file.") -> None:
+    """Raise CheckpointError unless `path` is a complete, uncorrupted checkpoint; `fix` says
+    what to pass instead when it does not exist (the caller knows which option it came from)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"Checkpoint {str(path)!r} does not exist. Pass trainer.resume=auto to continue the run in "
-            "hydra.run.dir, or trainer.resume=PATH with an existing checkpoints/step_*.pt file or run directory."
-        )
+        raise CheckpointError(f"Checkpoint {str(path)!r} does not exist. {fix}")
     digest = path.with_name(path.name + ".sha256")
     if not digest.is_file():
         raise CheckpointError(
             f"Checkpoint {str(path)!r} has no {digest.name} marker: it was not completely written (or is not a "
             "checkpoint of this project). Resume from an earlier checkpoints/step_*.pt instead."
         )
-    if digest.read_text().strip() != _sha256(path):
+    if digest.read_text().split()[:1] != [_sha256(path)]:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} is corrupt: its SHA-256 differs from {digest.name}. "
             "Resume from an earlier checkpoints/step_*.pt instead."
         )
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    verify(path)
+def load_checkpoint(path: Path, map_location="cpu", fix: str = "Pass an existing checkpoints/step_*.pt file.") -> dict:
+    verify(path, fix)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -115,7 +114,8 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
                 f"trainer.resume={resume!r}: no complete checkpoint (step_*.pt) in {str(directory)!r}."
             )
         return found
-    verify(target)
+    verify(target, "Pass trainer.resume=auto to continue the run in hydra.run.dir, or trainer.resume=PATH with an "
+                   "existing checkpoints/step_*.pt file or run directory.")  # fmt: skip
     return target
 
 

@@ -26,7 +26,7 @@ from .train import build_model
 def load_language_model(ckpt: Path, device: str = "cpu"):
     """(model, tokenizer) of a language-model checkpoint, rebuilt from its run's config."""
     ckpt = Path(ckpt).expanduser()
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt, fix="ckpt= takes a checkpoints/step_*.pt file of a language-model run.")
     config_path = ckpt.parent.parent / ".hydra" / "config.yaml"
     if not config_path.exists():
         raise CheckpointError(
@@ -82,7 +82,9 @@ def sample(cfg: DictConfig) -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig):
     with exit_on_user_error("generate"):
-        for text in sample(cfg):
+        for i, text in enumerate(sample(cfg)):
+            if cfg.num_samples > 1:
+                print(f"--- sample {i + 1} of {cfg.num_samples} ---")
             print(text)
 
 

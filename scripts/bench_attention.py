@@ -209,6 +209,7 @@ def main():
     args.reps = args.reps or (20 if gpu else 3)
     if args.memory_child:
         return memory_child(args.memory_child, args.seqs[0], args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before measuring, not after
     rows: list[dict] = []
     (bench_gpu if gpu else bench_cpu)(args, rows)
     with open(f"{args.out}.csv", "w", newline="") as f:

@@ -108,8 +108,9 @@ def main(argv=None) -> pd.DataFrame:
     if metric not in runs:
         raise ConfigError(f"no run logged {metric!r}; metrics: {metrics}")
     swept = swept_keys(runs, [c for c in runs.columns if "/" in c])
-    if not swept:
-        raise ConfigError("the runs do not differ in any override; nothing was swept")
+    if not swept:  # one run, or runs that differ in nothing: a row per run directory
+        print("no override differs between the runs: one row per run", file=sys.stderr)
+        swept = ["run"]
     result = table(runs, swept, [m for m in metrics if m in runs])
     out = args.out or args.multirun_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("."), help="where compare.png and compare.md go")
     args = parser.parse_args(argv)
     labels, frames = zip(*(load(run) for run in args.runs))
+    lengths = {label: int(frame["step"].max()) for label, frame in zip(labels, frames)}
+    if max(lengths.values()) > 1.5 * min(lengths.values()):
+        print(f"warning: the runs have different lengths (last step: {lengths}): their final values are not "
+              "comparable; the curves are", file=sys.stderr)  # fmt: skip
     keys = statistics(list(frames))
     args.out.mkdir(parents=True, exist_ok=True)
     plot(labels, frames, keys, args.out / "compare.png")

@@ -51,9 +51,14 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="a config override, key=value")
     args = parser.parse_args()
     results = evaluate(args.run_dir, args.lengths, args.overrides)
-    for key, value in sorted(results.items()):
+
+    def by_length(key):  # eval/loss, eval/loss@256, eval/loss@1024: metric, then length as a number
+        name, _, length = key.partition("@")
+        return name, int(length or 0)
+
+    for key in sorted(results, key=by_length):
         if key.startswith(("eval/loss", "eval/bits_per_byte")):
-            print(f"{key:28s} {value:.4f}")
+            print(f"{key:28s} {results[key]:.4f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ import argparse
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
+from attention_simulator.cli import exit_on_user_error
+from attention_simulator.errors import ConfigError
+
 
 def per_layer(kind: str, stat: str, title: str, log_y: bool = False) -> wr.LinePlot:
     """One line per layer (and per run) for `kind/block_NN/stat`."""
@@ -66,9 +69,17 @@ def main():
     parser.add_argument("--name", default="Attention norms")
     args = parser.parse_args()
     workspace = build_workspace(args.entity, args.project, args.name)
-    workspace.save()
+    try:
+        workspace.save()
+    except Exception as e:  # W&B's API: no login, no network, no such entity or project
+        raise ConfigError(
+            f"W&B did not save the workspace ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"It needs network and a login (`wandb login`, or WANDB_API_KEY) with access to --entity {args.entity} "
+            f"--project {args.project}."
+        ) from e
     print(f"saved workspace {args.name!r}: {workspace.url}")
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

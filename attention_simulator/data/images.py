@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DatasetUnavailableError
 from .loader import EpochBatchSampler, KeyedDataset, check_batch_sizes, eval_batches, make_loader, rows_source
-from .sources import load_from_hub, local_root
+from .sources import built_once, load_from_hub, local_root
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,12 @@ SOURCES = {
 
 
 def load_digits() -> datasets.DatasetDict:
-    """scikit-learn's digits as a DatasetDict with a fixed, stratified 80/20 train/test split."""
+    """scikit-learn's digits as a DatasetDict with a fixed, stratified 80/20 train/test split,
+    built once and then read from datasets' cache (importing scikit-learn costs seconds)."""
+    return built_once("digits/v1", _build_digits)
+
+
+def _build_digits() -> datasets.DatasetDict:
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 

@@ -15,12 +15,9 @@ import functools
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -28,6 +25,7 @@ import soundfile
 from scipy.signal import resample_poly
 
 from ..errors import ConfigError, DatasetUnavailableError
+from .sources import built_once
 
 SAMPLE_RATE = 16000
 # speak_lib.h: synchronous output, UTF-8 text, a pause at the end, rate and pitch parameters
@@ -215,10 +213,10 @@ FEATURES = datasets.Features(
 
 def synthesize_corpus(config: SynthConfig = SynthConfig(), cache_dir: str | None = None) -> datasets.DatasetDict:
     """The corpus for `config`, built on first use and then loaded from the cache."""
-    root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "attention_simulator" / "speech_synth"
-    path = root / config.key
-    if (path / "dataset_dict.json").exists():
-        return datasets.load_from_disk(str(path))
+    return built_once(f"speech_synth/{config.key}", lambda: _synthesize(config), cache_dir)
+
+
+def _synthesize(config: SynthConfig) -> datasets.DatasetDict:
     from tqdm.auto import tqdm
 
     splits = utterance_texts(pydoc_sentences(), config)
@@ -232,10 +230,4 @@ def synthesize_corpus(config: SynthConfig = SynthConfig(), cache_dir: str | None
                 rows.append(speak(text, rng, config))
                 bar.update()
             built[split] = datasets.Dataset.from_list(rows, features=FEATURES)
-    tmp = root / f"{config.key}.{os.getpid()}.tmp"
-    datasets.DatasetDict(built).save_to_disk(str(tmp))
-    try:
-        os.replace(tmp, path)  # atomic: a half-written corpus is never found
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.load_from_disk(str(path))
+    return datasets.DatasetDict(built)

@@ -35,16 +35,17 @@ def _curve(ax, frame: pd.DataFrame, key: str, **style):
         ax.plot(rows["step"], rows[key], **style)
 
 
-def write_report(run_dir: Path, main_metric: str) -> dict[str, float]:
-    """Write the report figures; return the final value of every metric."""
+def write_report(run_dir: Path, main_metric: str, name: str | None = None) -> dict[str, float]:
+    """Write the report figures, titled `name (run folder)`; return the final value of every metric."""
     path = Path(run_dir) / "metrics.parquet"
     if not path.exists():
         return {}
     frame = pd.read_parquet(path)
     out = Path(run_dir) / "report"
     out.mkdir(exist_ok=True)
-    _curves(frame, main_metric, Path(run_dir).name, out / "curves.png")
-    _attention(frame, Path(run_dir).name, out / "attention.png")
+    title = f"{name} ({Path(run_dir).name})" if name else Path(run_dir).name
+    _curves(frame, main_metric, title, out / "curves.png")
+    _attention(frame, title, out / "attention.png")
     return {k: frame[k].dropna().iloc[-1] for k in frame.columns if k != "step" and frame[k].notna().any()}
 
 

@@ -2,6 +2,7 @@
 nothing when on; W&B and parquet carry the keys; the comparison and dashboard scripts work."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def test_wandb_offline_run_has_the_attention_keys(tmp_path, monkeypatch):
     assert {"attn/block_00/mass_mean", "resid/block_03/norm_mean"} <= set(pd.read_parquet(tmp_path / "metrics.parquet"))
 
 
-def test_compare_runs_writes_a_figure_and_a_table(tmp_path):
+def test_compare_runs_writes_a_figure_and_a_table(tmp_path, capsys):
     import compare_runs
 
     for name in ("softmax", "sigmoid"):
@@ -150,6 +151,13 @@ def test_compare_runs_writes_a_figure_and_a_table(tmp_path):
     assert f"{final_loss:.4g}" in next(line for line in table if line.startswith("| vit_sigmoid (sigmoid) |"))
     with Image.open(tmp_path / "cmp" / "compare.png") as png:
         assert png.size[0] > 1000
+
+    short = tmp_path / "short"  # the same run cut at step 10: compared with a 20-step run, a warning
+    short.mkdir()
+    frame = pd.read_parquet(tmp_path / "sigmoid" / "metrics.parquet")
+    frame[frame["step"] <= 10].to_parquet(short / "metrics.parquet")
+    compare_runs.main([str(tmp_path / "softmax"), str(short), "--out", str(tmp_path / "cmp2")])
+    assert "different lengths" in capsys.readouterr().err
 
 
 def test_dashboard_layout_builds_offline():
@@ -182,3 +190,12 @@ def test_unknown_probe_kind_is_refused():
     with pytest.raises(ConfigError, match="unknown kinds"):
         DiagnosticsConfig(probes=["attention"])
     Attention(16, 2)  # probes are plain identities without a recorder
+
+
+def test_dashboard_without_a_login_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    script = Path(__file__).parents[2] / "scripts" / "wandb_dashboard.py"
+    result = subprocess.run([sys.executable, str(script), "--entity", "someone"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "wandb login" in result.stderr and "--entity someone" in result.stderr

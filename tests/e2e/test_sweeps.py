@@ -1,16 +1,20 @@
 """Hydra multirun sweeps (basic and submitit-local launchers) and the sweep results table."""
 
+import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from attention_simulator.config import CONFIG_DIR
+from attention_simulator.config import CONFIG_DIR, build, validate
+from attention_simulator.train import build_model
 
 from .test_train_command import run_train
 
@@ -26,7 +30,7 @@ def final_accuracy(run_dir: Path) -> float:
     return pd.read_parquet(run_dir / "metrics.parquet")["eval/accuracy"].dropna().iloc[-1]
 
 
-@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["basic"])  # submitit_local: README's own sweep (tests/e2e/test_readme.py)
 def test_multirun_then_collect_sweep(tmp_path, launcher):
     sweep_dir = tmp_path / "sweep"
     extra = ["logger.wandb=true"] if launcher == "basic" else ["hydra/launcher=submitit_local"]
@@ -58,7 +62,7 @@ def test_multirun_then_collect_sweep(tmp_path, launcher):
 
 @pytest.mark.parametrize("preset, swept", [
     ("softmax_vs_sigmoid", {"attention": "softmax,sigmoid", "trainer.seed": "0,1,2"}),
-    ("sigmoid_bias", {"attention.sigmoid_bias": "-2,-4,-6,-8,auto", "trainer.seed": "0,1"}),
+    ("sigmoid_bias", {"sigmoid.bias": "-2,-4,-6,-8,auto", "trainer.seed": "0,1"}),
     ("layerscale", {"model.layer_scale": "null,1e-1,1e-2,1e-4", "trainer.seed": "0,1"}),
 ])  # fmt: skip
 def test_sweep_presets_are_multiruns(preset, swept):
@@ -70,3 +74,52 @@ def test_sweep_presets_are_multiruns(preset, swept):
 def test_collect_sweep_says_when_there_is_nothing(tmp_path):
     with pytest.raises(ConfigError, match="no run directories"):
         collect_sweep.main([str(tmp_path)])
+
+
+EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in Path(CONFIG_DIR, "sweep").glob("*.yaml"))
+MODEL_ARGS = {"vit": {}, "lm": {"vocab_size": 257}, "asr": {"n_mels": 80, "vocab_size": 29}}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment):
+    """Each job's config (seeds aside) composes, validates and builds its attention, model and
+    trainer: a sweep that switches the backend keeps the experiment's sigmoid options for the
+    sigmoid jobs and drops them for the softmax ones, instead of failing after queueing."""
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={experiment}", f"+sweep={preset}"], return_hydra_config=True)
+        swept = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items() if k != "trainer.seed"}
+        for values in itertools.product(*swept.values()):
+            job = [f"{k}={v}" for k, v in zip(swept, values)]
+            job_cfg = compose("train", overrides=[f"+experiment={experiment}", *job])
+            validate(job_cfg)
+            build(job_cfg.trainer)
+            with torch.device("meta"):
+                build_model(job_cfg, MODEL_ARGS[experiment.split("_")[0]])
+
+
+def test_collect_sweep_of_a_single_run_writes_its_table(tmp_path):
+    """A sweep of one run (or of runs that differ in nothing): one row per run, by folder."""
+    from ..attention_simulator.conftest import train
+
+    run = tmp_path / "only"
+    train(run, "+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32")
+    (run / ".hydra" / "overrides.yaml").write_text("- +experiment=vit_sigmoid\n")
+    table = collect_sweep.main([str(tmp_path)])
+    assert list(table["run"]) == ["only"] and (tmp_path / "sweep.md").exists() and (tmp_path / "sweep.png").exists()
+
+
+def test_local_sweeps_start_a_few_runs_at_a_time():
+    """submitit_local: hydra.sweeper.max_batch_size defaults to one run per GPU, or per 4 CPU
+    cores (at least one); the basic launcher (one at a time anyway) and SLURM are not limited."""
+    from attention_simulator.config import jobs_at_once
+
+    local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    expected = torch.cuda.device_count() or max(1, (os.cpu_count() or 1) // 4)
+    assert jobs_at_once(local) == expected
+    assert jobs_at_once("hydra._internal.core_plugins.basic_launcher.BasicLauncher") is None
+    assert jobs_at_once("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher") is None
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=submitit_local"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.max_batch_size == expected
