@@ -1,0 +1,198 @@
+"""README's code blocks, run as written in one fresh working directory, in README's order.
+
+Every `python -m ...`, `torchrun ...` and `python scripts/...` command of README's bash blocks
+runs with step caps (a command's own value of a capped key is replaced, never duplicated) and
+must exit 0; placeholders (`outputs/NAME/RUN`, a dated multirun folder, `step_0002000.pt`) are
+the newest runs the earlier commands made. What needs hardware or data this machine lacks (a
+GPU cluster, /data/..., SLURM, the network) is composed instead (`--cfg job`): the command's
+config must still be valid. Every Python block runs as a script. Set-up and the test suite
+itself (the two commands of the first block's second line and the Tests section) are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = README.parent
+CAPS = {"trainer.max_steps": "2", "trainer.eval_every": "0", "trainer.progress": "false"}
+CAPS_BY_FAMILY = {"lm": {"data.eval_max_tokens": "4096", "task.sample_tokens": "8"}}
+COMPOSE_ONLY = {  # what the command needs that this machine lacks
+    "torchrun": "several GPUs or machines",
+    "/data/": "a dataset at /data",
+    "hydra/launcher=slurm": "a SLURM cluster",
+}
+
+
+def shell_commands() -> list[str]:
+    """README's bash commands: continuation lines joined, comments dropped, `a && b` split."""
+    text = README.read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if not line or line.startswith("#"):
+                continue
+            commands += [part.strip() for part in line.split("&&")]
+    return [c for c in commands if c != "bash setup.bash" and "pytest" not in c]
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def newest(pattern: str, cwd: Path) -> str:
+    found = sorted(cwd.glob(pattern), key=os.path.getmtime)
+    assert found, f"no {pattern} in {cwd}: an earlier README command should have made it"
+    return str(found[-1].relative_to(cwd))
+
+
+def resolve(command: str, cwd: Path) -> str:
+    """Placeholders -> what earlier commands made."""
+    for name in set(re.findall(r"outputs/(\w+)/RUN", command)):
+        command = command.replace(f"outputs/{name}/RUN", newest(f"outputs/{name}/*", cwd))
+    if "step_0002000.pt" in command:
+        run = re.search(r"ckpt=(\S+)/checkpoints/", command).group(1)
+        command = command.replace("step_0002000.pt", Path(newest(f"{run}/checkpoints/step_*.pt", cwd)).name)
+    for name in set(re.findall(r"multirun/(\w+)/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", command)):
+        command = re.sub(rf"multirun/{name}/[\d_-]+", newest(f"multirun/{name}/*", cwd), command)
+    return command
+
+
+def capped(args: list[str]) -> list[str]:
+    """Training commands with the step caps: replace the command's own value, or append."""
+    experiment = next((a.split("=", 1)[1] for a in args if a.startswith("+experiment=")), "")
+    caps = CAPS | CAPS_BY_FAMILY.get(experiment.split("_")[0], {})
+    if any("run_steps" in a for a in args):
+        caps = caps | {"trainer.max_steps": "4", "trainer.run_steps": "2"}
+    if "hydra/launcher=submitit_local" in args:
+        caps = caps | {"hydra.sweeper.max_batch_size": "2"}  # two cores: two runs at a time
+    kept = [a for a in args if a.split("=", 1)[0] not in caps]
+    return kept + [f"{k}={v}" for k, v in caps.items()]
+
+
+def how_to_run(command: str) -> tuple[list[str], str]:
+    """(argv, what is done): run with caps, compose only, or --help for the networked script."""
+    args = shlex.split(command)
+    python = [sys.executable] if args[0] == "python" else []
+    reason = next((why for marker, why in COMPOSE_ONLY.items() if marker in command), None)
+    if reason:
+        module_args = args[args.index("attention_simulator.train") + 1 :]
+        return [sys.executable, "-m", "attention_simulator.train", *module_args, "--cfg", "job"], f"composed ({reason})"
+    if "wandb_dashboard.py" in command:
+        return [*python, str(ROOT / args[1]), "--help"], "--help (it needs the network)"
+    if "attention_simulator.train" in args:
+        return [*python, *capped(args[1:])], "run, capped"
+    if args[1].startswith("scripts/"):  # README's scripts are the checkout's
+        return [*python, str(ROOT / args[1]), *args[2:]], "run"
+    return [*python, *args[1:]], "run"
+
+
+def run_lane(commands: list[str], cwd: Path, env: dict) -> dict[str, tuple]:
+    out = {}
+    for command in commands:
+        argv, how = how_to_run(resolve(command, cwd))
+        start = time.perf_counter()
+        result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        out[command] = (result.returncode, result.stdout, result.stderr, how, time.perf_counter() - start)
+    return out
+
+
+COMMANDS = shell_commands()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every command in README order, in two lanes that share nothing: the sweeps (and
+    collect_sweep, which reads the newest of them), and the rest."""
+    cwd = tmp_path_factory.mktemp("readme")
+    # W&B off (its offline runs are tested elsewhere): it costs seconds per run and changes nothing here
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    sweeps = [c for c in COMMANDS if "-m" in shlex.split(c)[3:] or "+sweep=" in c or "collect_sweep" in c]
+    lanes = [sweeps, [c for c in COMMANDS if c not in sweeps]]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = list(pool.map(lambda lane: run_lane(lane, cwd, env), lanes))
+    for command, (_, _, _, how, seconds) in {**done[0], **done[1]}.items():
+        print(f"{seconds:6.1f} s  {how:34s} {command}")  # shown with -s: where the time goes
+    return {**done[0], **done[1]}, cwd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command(results, command):
+    returncode, stdout, stderr, how, seconds = results[0][command]
+    assert returncode == 0, f"{how} ({seconds:.0f} s): {command}\n{stdout[-2000:]}\n{stderr[-3000:]}"
+
+
+def test_readme_covers_the_documented_workflows():
+    """The parser sees the commands a reader sees (a guard against a README edit that hides them)."""
+    joined = "\n".join(COMMANDS)
+    for expected in ("+experiment=vit_sigmoid", "attention_simulator.generate", "scripts/eval_lengths.py",
+                     "+sweep=softmax_vs_sigmoid", "hydra/launcher=submitit_local", "scripts/collect_sweep.py",
+                     "scripts/compare_runs.py", "torchrun"):  # fmt: skip
+        assert expected in joined
+    assert len(python_blocks()) == 2
+
+
+@pytest.mark.slow
+def test_the_first_command_writes_a_complete_run_directory(results):
+    _, cwd = results
+    run = cwd / newest("outputs/vit_sigmoid/*", cwd)
+    assert {p.name for p in run.iterdir()} >= {".hydra", "checkpoints", "metrics.parquet", "report", "train.log",
+                                               "wandb"}  # fmt: skip
+    assert {p.name for p in (run / ".hydra").iterdir()} == {"config.yaml", "config_resolved.yaml", "overrides.yaml",
+                                                            "hydra.yaml"}  # fmt: skip
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert metrics["step"].max() == 2 and metrics["eval/accuracy"].notna().any()
+    assert "run dir:" in (run / "train.log").read_text()  # the console, time-stamped
+    assert (run / "report" / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_split_run_says_how_to_continue(results):
+    command = next(c for c in COMMANDS if "run_steps" in c)
+    stdout = results[0][command][1]
+    assert "stopped at step 2 of 4" in stdout and "trainer.resume=auto" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_readme_python_block(results, index):
+    _, cwd = results
+    script = cwd / f"readme_block_{index}.py"
+    script.write_text(python_blocks()[index])
+    result = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_sweep_table_is_the_runs_metrics(results):
+    """collect_sweep on README's submitit_local sweep: one row per run, values from each run."""
+    _, cwd = results
+    sweep = cwd / newest("multirun/vit_sigmoid/*", cwd)
+    table = pd.read_csv(sweep / "sweep.csv")
+    runs = sorted(p.parent for p in sweep.glob("*/metrics.parquet"))
+    assert len(table) == len(runs) == 8  # 4 LayerScale values × 2 seeds
+    for run in runs:
+        final = pd.read_parquet(run / "metrics.parquet")["eval/accuracy"].dropna().iloc[-1]
+        assert final in set(table["eval/accuracy"])
+        assert (run / "train.log").stat().st_size > 0  # each run's output, in its own directory
+
+
+@pytest.mark.slow
+def test_eval_lengths_lists_lengths_in_order(results):
+    command = next(c for c in COMMANDS if "eval_lengths.py" in c)
+    keys = [line.split()[0] for line in results[0][command][1].splitlines() if line.startswith("eval/loss")]
+    assert keys == ["eval/loss", "eval/loss@256", "eval/loss@512", "eval/loss@1024"]  # 128 is the training length
