@@ -44,8 +44,8 @@ def _per_sequence(fn, q_like, k_like, bias, alibi, cu_q, cu_k, **kw):
 
 
 @torch.autocast("cpu", enabled=False)  # the path computes in fp32 itself; autocast would make it bf16
-def _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
-    kw = dict(scale=scale, causal=causal, window=window)
+def _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window, softcap, dropout_p, seed):
+    kw = dict(scale=scale, causal=causal, window=window, softcap=softcap, dropout_p=dropout_p, seed=seed)
     if cu_q is None:
         return reference.chunked_forward(q, k, v, bias=bias, alibi_slopes=alibi, **kw)
     # rows beyond the last sequence (cu_seqlens[-1] < total) are not attention rows: zeros
@@ -56,8 +56,8 @@ def _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
 
 
 @torch.autocast("cpu", enabled=False)
-def _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
-    kw = dict(scale=scale, causal=causal, window=window)
+def _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window, softcap, dropout_p, seed):
+    kw = dict(scale=scale, causal=causal, window=window, softcap=softcap, dropout_p=dropout_p, seed=seed)
     if cu_q is None:
         return reference.chunked_backward(do, q, k, v, bias=bias, alibi_slopes=alibi, **kw)
     dq, dk, dv, dbias = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(bias)
@@ -75,20 +75,19 @@ def _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window):
 def _fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, alibi: torch.Tensor | None,
     cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int, max_k: int, scale: float, causal: bool,
-    window_left: int, window_right: int, return_mass: bool,
+    window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int, return_mass: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    window = (window_left, window_right)
+    options = (scale, causal, (window_left, window_right), softcap, dropout_p, seed)
     if _use_triton(q):
-        out, mass = _kernels().forward(
-            q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, return_mass
-        )
+        out, mass = _kernels().forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, return_mass)
     else:
-        out, mass = _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window)
+        out, mass = _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, *options)
     return out, (mass if return_mass else q.new_empty(0, dtype=torch.float32))
 
 
 @_fwd.register_fake
-def _(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, return_mass):
+def _(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap, dropout_p,
+      seed, return_mass):  # fmt: skip
     heads = q.shape[-2]
     shape = ((heads, q.shape[0]) if cu_q is not None else (q.shape[0], heads, q.shape[1])) if return_mass else (0,)
     return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32)
@@ -98,17 +97,18 @@ def _(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_left
 def _bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     alibi: torch.Tensor | None, cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int, max_k: int,
-    scale: float, causal: bool, window_left: int, window_right: int, need_dbias: bool,
+    scale: float, causal: bool, window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int,
+    need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    window = (window_left, window_right)
+    options = (scale, causal, (window_left, window_right), softcap, dropout_p, seed)
     if _use_triton(q):
-        args = (do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, need_dbias)
-        return _kernels().backward(*args)
-    return _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window)
+        return _kernels().backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, need_dbias)
+    return _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, *options)
 
 
 @_bwd.register_fake
-def _(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, need_dbias):
+def _(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap,
+      dropout_p, seed, need_dbias):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias)
 
 
@@ -116,22 +116,21 @@ class FlashSigmoidFunction(torch.autograd.Function):
     """out, mass = f(q, k, v, bias [B, H], ...); gradients for q, k, v and the bias (mass has none)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, return_mass):
-        out, mass = _fwd(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, *window, return_mass)
+    def forward(ctx, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, dropout_p,
+                seed, return_mass):  # fmt: skip
+        meta = (max_q, max_k, scale, causal, *window, softcap, dropout_p, seed)
+        out, mass = _fwd(q, k, v, bias, alibi, cu_q, cu_k, *meta, return_mass)
         ctx.save_for_backward(q, k, v, bias, alibi, cu_q, cu_k)
-        ctx.meta = (max_q, max_k, scale, causal, window)
+        ctx.meta = meta
         ctx.mark_non_differentiable(mass)
         return out, mass
 
     @staticmethod
     def backward(ctx, dout, _dmass):
         q, k, v, bias, alibi, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, scale, causal, window = ctx.meta
         need_dbias = ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _bwd(
-            dout, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, *window, need_dbias
-        )
-        return dq, dk, dv, (dbias if need_dbias else None), *([None] * 9)
+        dq, dk, dv, dbias = _bwd(dout, q, k, v, bias, alibi, cu_q, cu_k, *ctx.meta, need_dbias)
+        return dq, dk, dv, (dbias if need_dbias else None), *([None] * 12)
 
 
 # ---- argument checks -----------------------------------------------------------------------------
@@ -167,29 +166,49 @@ def _check_qkv(q, k, v, packed: bool):
         _fail(f"the number of query heads ({heads}) must be a multiple of the number of key/value heads ({kv_heads}).")
 
 
-def _check_options(q, dropout_p, window_size, alibi_slopes, return_attn_probs, batch):
-    if dropout_p:
-        raise NotImplementedError("flash_sigmoid: dropout_p > 0 is not supported; apply dropout outside attention.")
-    if return_attn_probs:
-        raise NotImplementedError(
-            "flash_sigmoid: return_attn_probs is not supported; use return_attn_mass=True for the per-row attention "
-            "mass, or flash_sigmoid.reference.reference_attention(..., return_weights=True) for the matrix."
-        )
-    if not (
-        isinstance(window_size, (tuple, list))
-        and len(window_size) == 2
-        and all(isinstance(w, int) for w in window_size)
-    ):
+def _window(window_size) -> tuple[int, int]:
+    """(left, right) as Python ints, from a pair of ints, numpy ints or a 2-element tensor."""
+    try:
+        pair = [int(w) for w in (window_size.tolist() if hasattr(window_size, "tolist") else window_size)]
+    except (TypeError, ValueError):
+        pair = []
+    if len(pair) != 2:
         _fail(f"window_size must be a pair of ints (left, right), got {window_size!r}.")
-    if min(window_size) < -1:
-        _fail(f"window_size={tuple(window_size)}: sizes must be >= 0, or -1 for unbounded.")
-    if alibi_slopes is not None:
-        heads = q.shape[-2]
-        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-            _fail("alibi_slopes must be a float32 tensor of shape [heads] or [batch, heads].")
-        if alibi_slopes.device != q.device or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
-            _fail(f"alibi_slopes has shape {tuple(alibi_slopes.shape)} on {alibi_slopes.device}; expected ({heads},) "
-                  f"or ({batch}, {heads}) on {q.device}.")  # fmt: skip
+    if min(pair) < -1:
+        _fail(f"window_size={tuple(pair)}: sizes must be >= 0, or -1 for unbounded.")
+    return pair[0], pair[1]
+
+
+def _check_options(q, dropout_p, softcap, alibi_slopes, batch):
+    """The alibi slopes at unit stride (the kernels index them so); the option values checked."""
+    if not (isinstance(dropout_p, (int, float)) and 0 <= dropout_p < 1):
+        _fail(f"dropout_p must be a float in [0, 1), got {dropout_p!r}.")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        _fail(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}.")
+    if alibi_slopes is None:
+        return None
+    heads = q.shape[-2]
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        _fail("alibi_slopes must be a float32 tensor of shape [heads] or [batch, heads].")
+    if alibi_slopes.device != q.device or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        _fail(f"alibi_slopes has shape {tuple(alibi_slopes.shape)} on {alibi_slopes.device}; expected ({heads},) "
+              f"or ({batch}, {heads}) on {q.device}.")  # fmt: skip
+    return alibi_slopes.contiguous()
+
+
+def _dropout_seed(dropout_p, dropout_seed) -> int:
+    """The dropout pattern's seed: the caller's, or drawn from torch's CPU generator (no device
+    sync; saved and restored with the other RNG states by checkpoints)."""
+    if dropout_seed is not None:
+        if not isinstance(dropout_seed, int) or not 0 <= dropout_seed < 2**63:
+            _fail(f"dropout_seed must be an int in [0, 2**63), got {dropout_seed!r}.")
+        return dropout_seed
+    if not dropout_p:
+        return 0
+    if torch.compiler.is_compiling():
+        _fail("dropout_p > 0 under torch.compile needs dropout_seed=<int>: drawing a seed from torch's generator "
+              "would break the graph.")  # fmt: skip
+    return int(torch.randint(0, 2**62, ()))
 
 
 def _bias_table(sigmoid_bias, q, batch: int) -> torch.Tensor:
@@ -232,19 +251,39 @@ def _check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
             _fail(f"{message.removeprefix('flash_sigmoid: ')}; got {cu.tolist()}.")
 
 
-def _run(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-         return_attn_probs, sigmoid_bias, return_attn_mass):  # fmt: skip
+def _attn_probs(q, k, bias, alibi, scale, causal, window, softcap, dropout_p, seed) -> torch.Tensor:
+    """flash-attn's S_dmask for tests: p (B, H, Tq, Tk) fp32, negated where dropout dropped it."""
+    p = reference.sigmoid_weights(q, k, scale=scale, bias=bias, causal=causal, window=window, alibi_slopes=alibi,
+                                  softcap=softcap)  # fmt: skip
+    if not dropout_p:
+        return p
+    if _use_triton(q):
+        keep = _kernels().dropout_keep(seed, dropout_p, p.shape[0] * p.shape[1], *p.shape[2:], q.device).view(p.shape)
+    else:
+        keep = reference.chunked_keep(q, k, causal=causal, window=window, dropout_p=dropout_p, seed=seed)
+    return torch.where(keep, p, -p)
+
+
+def _run(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+         return_attn_probs, sigmoid_bias, return_attn_mass, dropout_seed=None):  # fmt: skip
     packed = cu_q is not None
     _check_qkv(q, k, v, packed)
     batch = cu_q.numel() - 1 if packed else q.shape[0]
-    _check_options(q, dropout_p, window_size, alibi_slopes, return_attn_probs, batch)
+    alibi_slopes = _check_options(q, dropout_p, softcap, alibi_slopes, batch)
+    window = _window(window_size)
+    seed = _dropout_seed(dropout_p, dropout_seed)
     if packed:
         _check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], k.shape[0], q.device)
         cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels read offsets at unit stride
+        if return_attn_probs:
+            raise NotImplementedError("flash_sigmoid: return_attn_probs is for tests on padded batches (not varlen).")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    window = (window_size[0], 0) if causal else tuple(window_size)  # causal caps the right side, as flash-attn
+    window = (window[0], 0) if causal else window  # causal caps the right side, as flash-attn
     bias = _bias_table(sigmoid_bias, q, batch)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, mass = FlashSigmoidFunction.apply(q, k, v, bias, alibi_slopes, cu_q, cu_k, max_q, max_k, scale, causal,
-                                           window, return_attn_mass)  # fmt: skip
+    options = (scale, causal, window, float(softcap), float(dropout_p), seed)
+    out, mass = FlashSigmoidFunction.apply(q, k, v, bias, alibi_slopes, cu_q, cu_k, max_q, max_k, *options,
+                                           return_attn_mass or return_attn_probs)  # fmt: skip
+    if return_attn_probs:  # flash-attn's (out, softmax_lse, S_dmask), the row mass in the lse's place
+        return out, mass, _attn_probs(q.detach(), k.detach(), bias.detach(), alibi_slopes, *options)
     return (out, mass) if return_attn_mass else out

@@ -98,16 +98,20 @@ def _logit_bias(bias, dtype, device) -> torch.Tensor:
 
 def sigmoid_weights(
     q, k, *, scale: float, bias, causal=False, window=(-1, -1), alibi_slopes=None, q_lengths=None, k_lengths=None,
-    upcast=True,
+    upcast=True, softcap=0.0,
 ) -> torch.Tensor:  # fmt: skip
     """The attention matrix p (B, Hq, Tq, Tk), 0 where masked, in fp32 (fp64 kept) or, with
     `upcast=False`, in the inputs' own precision (the accuracy tests' low-precision baseline).
-    `q_lengths` / `k_lengths` (B,): right-padded batches, each sequence aligned on its own."""
+    `q_lengths` / `k_lengths` (B,): right-padded batches, each sequence aligned on its own.
+    softcap > 0: the scores x = scale·q·k become softcap·tanh(x / softcap) before the bias and
+    ALiBi are added."""
     dtype = _compute_dtype(q) if upcast else q.dtype
     hq, hk = q.shape[2], k.shape[2]
     allowed, alibi = attention_mask(q.shape[1], k.shape[1], causal, window, alibi_slopes, q_lengths, k_lengths,
                                     device=q.device, dtype=dtype)  # fmt: skip
     logits = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.repeat_interleave(hq // hk, dim=2).to(dtype)) * scale
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits + _logit_bias(bias, dtype, q.device)
     if alibi is not None:
         logits = logits + alibi
@@ -157,15 +161,32 @@ def _blocks(q, k, bias, alibi_slopes, causal, window, block):
         yield slice(i0, i1), slice(j0, j1), allowed, addend
 
 
-def _probs(qg, kb, scale, allowed, addend):
-    """p (B, Hk, G, M, N) for grouped queries qg (B, M, Hk, G, D) and keys kb (B, N, Hk, D).
-    In place on one block-sized buffer: this path exists to save memory."""
-    logits = torch.einsum("bmhgd,bnhd->bhgmn", qg, kb)
-    return logits.mul_(scale).add_(addend).sigmoid_().masked_fill_(~allowed, 0.0)
+def _probs(qg, kb, scale, allowed, addend, softcap):
+    """p (B, Hk, G, M, N) for grouped queries qg (B, M, Hk, G, D) and keys kb (B, N, Hk, D), and
+    the softcap's derivative 1 − tanh²(s/cap) (None without softcap). In place on block-sized
+    buffers: this path exists to save memory."""
+    logits = torch.einsum("bmhgd,bnhd->bhgmn", qg, kb).mul_(scale)
+    dcap = None
+    if softcap > 0:  # caps the scores; the bias and ALiBi are added after, as flash-attn adds ALiBi
+        th = logits.div_(softcap).tanh_()
+        dcap = 1 - th * th
+        logits = th.mul_(softcap)
+    return logits.add_(addend).sigmoid_().masked_fill_(~allowed, 0.0), dcap
 
 
-def chunked_forward(q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, block=256):
-    """Memory-efficient forward on padded [B, T, H, D]; returns (out, mass [B, H, Tq] fp32)."""
+def _keep(seed: int, dropout_p: float, j0: int, shape) -> torch.Tensor | None:
+    """This path's dropout pattern for the key block starting at column j0: drawn from a
+    generator seeded by (seed, j0), so the backward draws the same one."""
+    if dropout_p == 0:
+        return None
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + j0) % 2**63)
+    return torch.rand(shape, generator=generator) >= dropout_p
+
+
+def chunked_forward(q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, softcap=0.0,
+                    dropout_p=0.0, seed=0, block=256):  # fmt: skip
+    """Memory-efficient forward on padded [B, T, H, D]; returns (out, mass [B, H, Tq] fp32).
+    The mass is taken before dropout."""
     dtype = _compute_dtype(q)
     hk = k.shape[2]
     qg = _group(q.to(dtype), hk)  # (B, Tq, Hk, G, D)
@@ -173,15 +194,19 @@ def chunked_forward(q, k, v, *, scale, bias, causal=False, window=(-1, -1), alib
     out = torch.zeros_like(qg)
     mass = q.new_zeros(q.shape[0], hk, q.shape[2] // hk, q.shape[1], dtype=dtype)
     for rs, cs, allowed, addend in _blocks(q, k, bias, alibi_slopes, causal, window, block):
-        p = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend)  # (B, Hk, G, M, N)
-        out[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", p, vc[:, cs])
+        p, _ = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend, softcap)  # (B, Hk, G, M, N)
         mass[..., rs] += p.sum(-1)
+        keep = _keep(seed, dropout_p, cs.start, p.shape)
+        if keep is not None:
+            p = p.masked_fill_(~keep, 0.0).div_(1 - dropout_p)
+        out[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", p, vc[:, cs])
     out = rearrange(out, "b t hk g d -> b t (hk g) d").to(q.dtype)
     return out, rearrange(mass, "b hk g t -> b (hk g) t").float()
 
 
-def chunked_backward(dout, q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, block=256):
-    """Gradients (dq, dk, dv, dbias [B, H]) by recomputing p block by block."""
+def chunked_backward(dout, q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, softcap=0.0,
+                     dropout_p=0.0, seed=0, block=256):  # fmt: skip
+    """Gradients (dq, dk, dv, dbias [B, H]) by recomputing p (and the dropout pattern) block by block."""
     dtype = _compute_dtype(q)
     hk = k.shape[2]
     qg, dog = _group(q.to(dtype), hk), _group(dout.to(dtype), hk)
@@ -189,12 +214,28 @@ def chunked_backward(dout, q, k, v, *, scale, bias, causal=False, window=(-1, -1
     dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(kc), torch.zeros_like(vc)
     dbias = q.new_zeros(q.shape[0], hk, q.shape[2] // hk, dtype=dtype)
     for rs, cs, allowed, addend in _blocks(q, k, bias, alibi_slopes, causal, window, block):
-        p = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend)  # (B, Hk, G, M, N)
-        dv[:, cs] += torch.einsum("bhgmn,bmhgd->bnhd", p, dog[:, rs])
-        ds = torch.einsum("bmhgd,bnhd->bhgmn", dog[:, rs], vc[:, cs])  # dP
-        ds.mul_(p.addcmul_(p, p, value=-1))  # dS = p(1 − p)·dP (sigmoid'); masked entries have p = 0
+        p, dcap = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend, softcap)  # (B, Hk, G, M, N)
+        dp = torch.einsum("bmhgd,bnhd->bhgmn", dog[:, rs], vc[:, cs])  # dP
+        keep = _keep(seed, dropout_p, cs.start, p.shape)
+        kept = p if keep is None else p.masked_fill(~keep, 0.0) / (1 - dropout_p)
+        if keep is not None:
+            dp = dp.masked_fill_(~keep, 0.0).div_(1 - dropout_p)
+        dv[:, cs] += torch.einsum("bhgmn,bmhgd->bnhd", kept, dog[:, rs])
+        ds = dp.mul_(p.addcmul_(p, p, value=-1))  # dS = p(1 − p)·dP (sigmoid'); masked entries have p = 0
+        dbias += ds.sum(dim=(3, 4))
+        if dcap is not None:  # the scores' gradient, through the softcap
+            ds = ds.mul_(dcap)
         dk[:, cs] += torch.einsum("bhgmn,bmhgd->bnhd", ds, qg[:, rs]) * scale
         dq[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", ds, kc[:, cs]) * scale
-        dbias += ds.sum(dim=(3, 4))
     dq = rearrange(dq, "b t hk g d -> b t (hk g) d")
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias.flatten(1).to(bias.dtype)
+
+
+def chunked_keep(q, k, *, causal=False, window=(-1, -1), dropout_p, seed, block=256) -> torch.Tensor:
+    """This path's dropout pattern as bools (B, H, Tq, Tk) (True outside the blocks it computes)."""
+    b, tq, h, _ = q.shape
+    tk, hk = k.shape[1], k.shape[2]
+    keep = torch.ones(b, hk, h // hk, tq, tk, dtype=torch.bool)
+    for rs, cs, _, _ in _blocks(q, k, q.new_zeros(b, h), None, causal, window, block):
+        keep[..., rs, cs] = _keep(seed, dropout_p, cs.start, (b, hk, h // hk, rs.stop - rs.start, cs.stop - cs.start))
+    return keep.flatten(1, 2)

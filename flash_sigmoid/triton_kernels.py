@@ -14,11 +14,28 @@ Import this module only after TRITON_INTERPRET is decided: Triton fixes the mode
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .tiles import (
+    LOG2E,
+    _cast,
+    _dot,
+    _head_terms,
+    _keep,
+    _key_range,
+    _load_rows,
+    _load_tile,
+    _probs,
+    _query_range,
+    _rows,
+    _seq_bounds,
+    _store_tile,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,136 +49,93 @@ def _configs():
     ]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Large head dims need smaller tiles to fit shared memory."""
-    if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64)) <= 128:
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return small or configs
+def shared_bytes(kernel: str, config, block_d: int, elem_bytes: int) -> int:
+    """Shared memory a config needs, from above: its streamed operand tiles (num_stages copies
+    of K and V — of Q and dO for dK/dV) and the tiles held for the whole loop. Exact for the
+    forward and dQ kernels as compiled by Triton 3.9, an over-estimate for dK/dV."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    streamed, held = {"fwd": (2 * bn, bm), "bwd_dq": (2 * bn, 2 * bm), "bwd_dkdv": (2 * bm, 2 * bn)}[kernel]
+    return (config.num_stages * streamed + held) * block_d * elem_bytes
 
 
-_KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_ALIBI", "IS_VARLEN"]  # tensor dtypes are keyed too
+@functools.cache
+def _device_shared_limit() -> int:
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(driver.active.get_current_device())["max_shared_mem"]
+
+
+def keep_configs(kernel: str, configs, block_d: int, elem_bytes: int, limit: int):
+    """The configs whose shared memory fits `limit` bytes (the smallest tile if none does)."""
+    fits = [c for c in configs if shared_bytes(kernel, c, block_d, elem_bytes) <= limit]
+    return fits or [min(configs, key=lambda c: shared_bytes(kernel, c, block_d, elem_bytes))]
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        elem = named_args["Q"].element_size()
+        return keep_configs(kernel, configs, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), elem,
+                            _device_shared_limit())  # fmt: skip
+
+    return {"early_config_prune": prune}
+
+
+_KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_ALIBI", "IS_VARLEN", "SOFTCAP", "DROPOUT"]  # and tensor dtypes
+_FWD_KEY = _KEY + ["KV_CACHE", "PAGED"]
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation. IEEE: no TF32 for fp32 inputs. UPCAST (bf16 under the
-    interpreter, whose bf16 dot is wrong): the operands as fp32, i.e. exact products with fp32
-    accumulation, which is what the hardware does."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+def _key_rows(K, V, BlockTable, b, kv_b, k_start, offs_n, k_len, skb, skt, svb, svt, sbt, page_shift,
+              KV_CACHE: tl.constexpr, PAGED: tl.constexpr):  # fmt: skip
+    """Row offsets of keys `offs_n` in K and in V. A KV cache reads batch row kv_b from token
+    k_start on, or, paged, token t from page block_table[b, t >> page_shift] (pages of 2^shift
+    tokens: shifts, where a division would cost a MUFU.RCP per key)."""
+    if KV_CACHE:
+        pos = (k_start + offs_n).to(tl.int64)
+        if PAGED:
+            page = tl.load(BlockTable + b.to(tl.int64) * sbt + (pos >> page_shift), mask=offs_n < k_len, other=0)
+            page, row = page.to(tl.int64), pos & ((1 << page_shift) - 1)
+            return page * skb + row * skt, page * svb + row * svt
+        else:
+            return kv_b.to(tl.int64) * skb + pos * skt, kv_b.to(tl.int64) * svb + pos * svt
     else:
-        return tl.dot(a, b)
+        return _rows(b, k_start, offs_n, skb, skt), _rows(b, k_start, offs_n, svb, svt)
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16 (twice
-    the hardware's error), so under UPCAST the rounding is done on the bits first."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _seq_bounds(Cu, b, fixed_len, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        start = tl.load(Cu + b)
-        return start, tl.load(Cu + b + 1) - start
+def _span(phase: tl.constexpr, lo, mid_lo, mid_hi, hi):
+    """The blocks of loop phase 0 (masked edge), 1 (interior, unmasked) or 2 (masked edge)."""
+    if phase == 0:
+        return lo, mid_lo
+    elif phase == 1:
+        return mid_lo, mid_hi
     else:
-        return 0, fixed_len
+        return mid_hi, hi
 
 
-@triton.jit
-def _tile_offsets(b, start, offs, head, sb, st, sh, offs_d):
-    """Element offsets (rows, BLOCK_D) of rows `offs` of one head of sequence b, starting at token
-    `start`. In int64: batch × stride and token × stride pass 2³¹ in long contexts."""
-    rows = offs[:, None].to(tl.int64) + start
-    return b.to(tl.int64) * sb + rows * st + head.to(tl.int64) * sh + offs_d[None, :]
-
-
-@triton.jit
-def _load_tile(Ptr, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
-    """Rows `offs` (< length) of one head of sequence b, starting at token `start`: (rows, BLOCK_D)."""
-    mask = (offs[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(Ptr + _tile_offsets(b, start, offs, head, sb, st, sh, offs_d), mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_tile(Ptr, value, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
-    mask = (offs[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(Ptr + _tile_offsets(b, start, offs, head, sb, st, sh, offs_d), value, mask=mask)
-
-
-@triton.jit
-def _probs(q, k, offs_m, offs_n, scale, bias, slope, diag, k_len, win_left, win_right,
-           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-           UPCAST: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """p = σ(scale·q·kᵀ + bias − slope·|i + diag − j|) on allowed (i, j), 0 elsewhere: (M, N)."""
-    s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale + bias
-    rel = offs_n[None, :] - offs_m[:, None] - diag  # j − (i + Tk − Tq)
-    if HAS_ALIBI:
-        s = s - slope * tl.abs(rel).to(tl.float32)
-    allowed = (offs_n < k_len)[None, :]
-    if CAUSAL:
-        allowed = allowed & (rel <= 0)
-    if HAS_WINDOW:
-        allowed = allowed & ((win_left < 0) | (rel >= -win_left)) & ((win_right < 0) | (rel <= win_right))
-    return tl.where(allowed, tl.sigmoid(s), 0.0)
-
-
-@triton.jit
-def _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):  # fmt: skip
-    """[lo, hi) of key columns that rows [start_m, start_m + BLOCK_M) can see; lo block-aligned."""
-    lo = 0
-    hi = k_len
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + diag)
-    if HAS_WINDOW:
-        if win_right >= 0:
-            hi = tl.minimum(hi, start_m + BLOCK_M + diag + win_right)
-        if win_left >= 0:
-            lo = tl.maximum(0, start_m + diag - win_left) // BLOCK_N * BLOCK_N
-    return lo, hi
-
-
-@triton.jit
-def _query_range(start_n, diag, q_len, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):  # fmt: skip
-    """[lo, hi) of query rows that can see keys [start_n, start_n + BLOCK_N); lo block-aligned."""
-    lo = 0
-    hi = q_len
-    if CAUSAL:
-        lo = tl.maximum(0, start_n - diag)
-    if HAS_WINDOW:
-        if win_right >= 0:
-            lo = tl.maximum(lo, start_n - diag - win_right)
-        if win_left >= 0:
-            hi = tl.minimum(hi, start_n + BLOCK_N - diag + win_left)
-    return lo // BLOCK_M * BLOCK_M, hi
-
-
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_FWD_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Mass, Bias, Alibi, CuQ, CuK,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, smb, smh, smt, sab,
-    seqlen_q, seqlen_k, scale, win_left, win_right,
+    Q, K, V, Out, Mass, Bias, Alibi, CuQ, CuK, BlockTable, KvBatch,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, sos, smb, smh, smt, sms, sab, sbt, page_shift,
+    seqlen_q, seqlen_k, num_splits, scale2, cap, win_left, win_right, seed, dropout_p,
     H: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr,
-    RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, KV_CACHE: tl.constexpr, PAGED: tl.constexpr,
+    RETURN_MASS: tl.constexpr, FAST: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = pid_bh // H, pid_bh % H
     hk = h // GROUP
     q_start, q_len = _seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
+    if KV_CACHE:  # CuK holds (first token, length) per sequence
+        k_start, k_len = tl.load(CuK + 2 * b), tl.load(CuK + 2 * b + 1)
+    else:
+        k_start, k_len = _seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
+    kv_b = tl.load(KvBatch + b) if KV_CACHE else b
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -169,37 +143,61 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
-    bias = tl.load(Bias + pid_bh)
-    slope = tl.load(Alibi + b * sab + h) if HAS_ALIBI else 0.0
+    bias2, slope2 = _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, hi = _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, b, k_start, offs_n, hk, skb, skt, skh, k_len, offs_d, HEAD_DIM)
-        v = _load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
-        p = _probs(q, k, offs_m, offs_n, scale, bias, slope, diag, k_len, win_left, win_right,
-                   CAUSAL, HAS_WINDOW, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
-        if RETURN_MASS:
-            mass += tl.sum(p, axis=1)
-        acc += _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
-    out = _cast(acc, Out.dtype.element_ty, UPCAST)
-    _store_tile(Out, out, b, q_start, offs_m, h, sob, sot, soh, q_len, offs_d, HEAD_DIM)
+    lo, mid_lo, mid_hi, hi = _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+                                        HAS_WINDOW)  # fmt: skip
+    # split-KV: this program takes one slice of the key blocks; the launcher adds the slices' outputs
+    chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
+    first = tl.maximum(lo, split * chunk)
+    last = tl.maximum(tl.minimum(hi, split * chunk + chunk), first)
+    lo, mid_lo, mid_hi, hi = first, tl.minimum(tl.maximum(mid_lo, first), last), tl.minimum(mid_hi, last), last
+    mid_hi = tl.maximum(mid_hi, mid_lo)
+    for phase in tl.static_range(3):  # masked edge, interior (no mask evaluated), masked edge
+        begin, end = _span(phase, lo, mid_lo, mid_hi, hi)
+        for start_n in range(begin, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_rows, v_rows = _key_rows(K, V, BlockTable, b, kv_b, k_start, offs_n, k_len, skb, skt, svb, svt, sbt,
+                                       page_shift, KV_CACHE, PAGED)  # fmt: skip
+            k = _load_rows(K, k_rows, hk, skh, offs_n < k_len, offs_d, HEAD_DIM)
+            v = _load_rows(V, v_rows, hk, svh, offs_n < k_len, offs_d, HEAD_DIM)
+            p, _ = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
+                          phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
+            if RETURN_MASS:
+                mass += tl.sum(p, axis=1)
+            if DROPOUT:  # scaled by 1 / (1 − dropout_p) once, at the end
+                p = tl.where(_keep(seed, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p), p, 0.0)
+            acc += _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    Out += split.to(tl.int64) * sos
+    _store_tile(Out, _cast(acc, Out.dtype.element_ty, UPCAST), b, q_start, offs_m, h, sob, sot, soh, q_len, offs_d,
+                HEAD_DIM)  # fmt: skip
     if RETURN_MASS:
         rows = offs_m.to(tl.int64) + q_start
-        tl.store(Mass + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows * smt, mass, mask=offs_m < q_len)
+        where = Mass + split.to(tl.int64) * sms + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows * smt
+        tl.store(where, mass, mask=offs_m < q_len)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DBias"])
+@triton.jit
+def _ds(p, dp, keep, inv_keep, DROPOUT: tl.constexpr):
+    """dS = p(1 − p)·dP, with dP through the dropout pattern: the gradient of s (and of the bias)."""
+    if DROPOUT:
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    return (p - p * p) * dp
+
+
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_pruner("bwd_dq"), reset_to_zero=["DBias"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, DBias, Bias, Alibi, CuQ, CuK,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sab, sdb_row,
-    seqlen_q, seqlen_k, scale, win_left, win_right,
+    seqlen_q, seqlen_k, scale2, cap, win_left, win_right, seed, dropout_p,
     H: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr,
-    NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr, FAST: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -214,41 +212,44 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
     do = _load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
-    bias = tl.load(Bias + pid_bh)
-    slope = tl.load(Alibi + b * sab + h) if HAS_ALIBI else 0.0
+    bias2, slope2 = _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, hi = _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, b, k_start, offs_n, hk, skb, skt, skh, k_len, offs_d, HEAD_DIM)
-        v = _load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
-        p = _probs(q, k, offs_m, offs_n, scale, bias, slope, diag, k_len, win_left, win_right,
-                   CAUSAL, HAS_WINDOW, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
-        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        ds = p * (1.0 - p) * dp
-        dq += _dot(_cast(ds, k.dtype, UPCAST), k, UPCAST, IEEE)
-        if NEED_DBIAS:
-            dbias += tl.sum(ds, axis=1)
-    dq = _cast(dq * scale, DQ.dtype.element_ty, UPCAST)
+    lo, mid_lo, mid_hi, hi = _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+                                        HAS_WINDOW)  # fmt: skip
+    for phase in tl.static_range(3):
+        begin, end = _span(phase, lo, mid_lo, mid_hi, hi)
+        for start_n in range(begin, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(K, b, k_start, offs_n, hk, skb, skt, skh, k_len, offs_d, HEAD_DIM)
+            v = _load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
+            p, dcap = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
+                             phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
+            keep = _keep(seed, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p) if DROPOUT else None
+            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+            ds = _ds(p, dp, keep, 1.0 / (1.0 - dropout_p), DROPOUT)
+            if NEED_DBIAS:
+                dbias += tl.sum(ds, axis=1)
+            dq += _dot(_cast(ds * dcap if SOFTCAP else ds, k.dtype, UPCAST), k, UPCAST, IEEE)
+    dq = _cast(dq * (scale2 * -0.6931471805599453), DQ.dtype.element_ty, UPCAST)  # × scale
     _store_tile(DQ, dq, b, q_start, offs_m, h, sdqb, sdqt, sdqh, q_len, offs_d, HEAD_DIM)
     if NEED_DBIAS:  # one partial sum per (batch·head, query block): summed by the launcher
         tl.store(DBias + pid_bh * sdb_row + pid_m, tl.sum(dbias, axis=0))
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_pruner("bwd_dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, Bias, Alibi, CuQ, CuK,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sab,
-    seqlen_q, seqlen_k, scale, win_left, win_right,
+    seqlen_q, seqlen_k, scale2, cap, win_left, win_right, seed, dropout_p,
     HK: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hk = pid_bh // HK, pid_bh % HK
+    pid_n, pid_bhk = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bhk // HK, pid_bhk % HK
     q_start, q_len = _seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
@@ -261,26 +262,43 @@ def _bwd_dkdv_kernel(
     v = _load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, hi = _query_range(start_n, diag, q_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, mid_lo, mid_hi, hi = _query_range(start_n, diag, q_len, k_len, win_left, win_right, BLOCK_M, BLOCK_N,
+                                          CAUSAL, HAS_WINDOW)  # fmt: skip
+    inv_keep = 1.0 / (1.0 - dropout_p)
     for g in range(GROUP):  # the query heads sharing this KV head
         h = hk * GROUP + g
-        bias = tl.load(Bias + b * HK * GROUP + h)
-        slope = tl.load(Alibi + b * sab + h) if HAS_ALIBI else 0.0
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
-            do = _load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
-            p = _probs(q, k, offs_m, offs_n, scale, bias, slope, diag, k_len, win_left, win_right,
-                       CAUSAL, HAS_WINDOW, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
-            p = tl.where(offs_m[:, None] < q_len, p, 0.0)  # padded query rows carry no gradient
-            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-            ds = p * (1.0 - p) * dp
-            dv += _dot(tl.trans(_cast(p, do.dtype, UPCAST)), do, UPCAST, IEEE)
-            dk += _dot(tl.trans(_cast(ds, q.dtype, UPCAST)), q, UPCAST, IEEE)
-    dk = _cast(dk * scale, DK.dtype.element_ty, UPCAST)
+        pid_bh = b * HK * GROUP + h
+        bias2, slope2 = _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
+        for phase in tl.static_range(3):
+            begin, end = _span(phase, lo, mid_lo, mid_hi, hi)
+            for start_m in range(begin, end, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                # padded query rows load q = dO = 0, so they add nothing to dK, dV
+                q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
+                do = _load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
+                p, dcap = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
+                                 phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
+                keep = _keep(seed, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p) if DROPOUT else None
+                p_out = tl.where(keep, p * inv_keep, 0.0) if DROPOUT else p
+                dv += _dot(tl.trans(_cast(p_out, do.dtype, UPCAST)), do, UPCAST, IEEE)
+                ds = _ds(p, _dot(do, tl.trans(v), UPCAST, IEEE), keep, inv_keep, DROPOUT)
+                dk += _dot(tl.trans(_cast(ds * dcap if SOFTCAP else ds, q.dtype, UPCAST)), q, UPCAST, IEEE)
+    dk = _cast(dk * (scale2 * -0.6931471805599453), DK.dtype.element_ty, UPCAST)  # × scale
     _store_tile(DK, dk, b, k_start, offs_n, hk, sdkb, sdkt, sdkh, k_len, offs_d, HEAD_DIM)
     _store_tile(DV, _cast(dv, DV.dtype.element_ty, UPCAST), b, k_start, offs_n, hk, sdvb, sdvt, sdvh, k_len, offs_d,
                 HEAD_DIM)  # fmt: skip
+
+
+@triton.jit
+def _keep_kernel(Keep, seed, dropout_p, len_q, len_k, BLOCK: tl.constexpr):
+    """The dropout pattern of one (batch·head, query row) as a row of bools, for return_attn_probs."""
+    row, pid_bh = tl.program_id(0), tl.program_id(1)
+    offs_m = row + tl.arange(0, 1)
+    for start_n in range(0, len_k, BLOCK):
+        offs_n = start_n + tl.arange(0, BLOCK)
+        keep = _keep(seed, pid_bh, offs_m, offs_n, len_q, len_k, dropout_p)
+        where = Keep + (pid_bh.to(tl.int64) * len_q + row) * len_k + offs_n[None, :]
+        tl.store(where, keep.to(tl.int8), mask=(offs_n < len_k)[None, :])
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -291,7 +309,7 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _common(q, k, cu_q, max_q, max_k, alibi, causal, window):
+def _common(q, k, cu_q, max_q, max_k, alibi, causal, window, softcap, dropout_p):
     varlen = cu_q is not None
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -302,6 +320,9 @@ def _common(q, k, cu_q, max_q, max_k, alibi, causal, window):
         HAS_WINDOW=window != (-1, -1),
         HAS_ALIBI=alibi is not None,
         IS_VARLEN=varlen,
+        SOFTCAP=softcap > 0,
+        DROPOUT=dropout_p > 0,
+        FAST=q.dtype != torch.float32,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         IEEE=q.dtype == torch.float32,
     )
@@ -311,30 +332,71 @@ def _common(q, k, cu_q, max_q, max_k, alibi, causal, window):
 
 
 def _dummy(t):
-    return t.new_zeros(1, dtype=torch.int32)
+    return t.new_zeros(2, dtype=torch.int32)
 
 
-def forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, return_mass):
+def forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, dropout_p, seed,
+            return_mass):  # fmt: skip
     """out (like q) and, if asked, mass fp32 ([B, H, Tq] padded / [H, total] varlen)."""
-    batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window)
+    batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window, softcap,
+                                                       dropout_p)  # fmt: skip
     varlen = cu_q is not None
     out = torch.zeros_like(q) if varlen else torch.empty_like(q)  # varlen: rows past the last sequence are 0
     mass_shape = (heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])
     mass = torch.zeros(mass_shape if return_mass else (1, 1, 1), device=q.device, dtype=torch.float32)
     mass_strides = (0, mass.stride(0), mass.stride(1)) if varlen else mass.stride()
-    grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads, 1)  # noqa: E731
     _fwd_kernel[grid](
         q, k, v, out, mass, bias, alibi if alibi is not None else bias, cu_q if varlen else _dummy(q),
-        cu_k if varlen else _dummy(q), *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-        *_strides(out, varlen), *mass_strides, sab, len_q, len_k, scale, *window,
-        H=heads, GROUP=heads // k.shape[-2], RETURN_MASS=return_mass, **flags,
+        cu_k if varlen else _dummy(q), _dummy(q), _dummy(q), *_strides(q, varlen), *_strides(k, varlen),
+        *_strides(v, varlen), *_strides(out, varlen), 0, *mass_strides, 0, sab, 0, 0, len_q, len_k, 1,
+        -scale * LOG2E.value, softcap, *window, seed, dropout_p,
+        H=heads, GROUP=heads // k.shape[-2], KV_CACHE=False, PAGED=False, RETURN_MASS=return_mass, **flags,
     )  # fmt: skip
     return out, (mass if return_mass else None)
 
 
-def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, need_dbias):
+def forward_kvcache(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_table, scale, causal, window, softcap,
+                    num_splits, return_mass):  # fmt: skip
+    """Attention of padded q [B, Tq, H, D] over cached keys: sequence b reads tokens
+    bounds[b, 0] .. bounds[b, 0] + bounds[b, 1] of cache row kv_batch[b] (or of the pages of
+    block_table[b]). With num_splits > 1 the key range is cut in slices computed in parallel
+    and summed: sigmoid attention over a union of key sets is the sum of its parts."""
+    batch, heads, flags, (len_q, _), sab = _common(q, q, None, 0, 0, alibi, causal, window, softcap, 0.0)
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    split_shape = (num_splits, *q.shape) if num_splits > 1 else q.shape
+    out = torch.empty(split_shape, device=q.device, dtype=torch.float32 if num_splits > 1 else q.dtype)
+    mass = torch.zeros((num_splits, batch, heads, len_q) if return_mass else (1, 1, 1, 1), device=q.device,
+                       dtype=torch.float32)  # fmt: skip
+    cache_strides = [(t.stride(0), t.stride(1), t.stride(2)) for t in (k_cache, v_cache)]
+    grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads, num_splits)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k_cache, v_cache, out, mass, bias, alibi if alibi is not None else bias, _dummy(q), bounds,
+        block_table if paged else _dummy(q), kv_batch, *q.stride()[:3], *cache_strides[0], *cache_strides[1],
+        *out.stride()[-4:-1], out.stride(0) if num_splits > 1 else 0, *mass.stride()[1:], mass.stride(0), sab,
+        block_table.stride(0) if paged else 0, k_cache.shape[1].bit_length() - 1 if paged else 0, len_q, capacity,
+        num_splits,
+        -scale * LOG2E.value, softcap, *window, 0, 0.0,
+        H=heads, GROUP=heads // k_cache.shape[-2], KV_CACHE=True, PAGED=paged, RETURN_MASS=return_mass, **flags,
+    )  # fmt: skip
+    if num_splits > 1:
+        out = out.sum(0).to(q.dtype)
+    return out, (mass.sum(0) if return_mass else None)
+
+
+def dropout_keep(seed, dropout_p, batch_heads, len_q, len_k, device):
+    """The kernels' dropout pattern as bools [batch·heads, len_q, len_k] (padded lengths)."""
+    keep = torch.empty(batch_heads, len_q, len_k, device=device, dtype=torch.int8)
+    _keep_kernel[(len_q, batch_heads)](keep, seed, dropout_p, len_q, len_k, BLOCK=64)
+    return keep.bool()
+
+
+def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, dropout_p, seed,
+             need_dbias):  # fmt: skip
     """dq, dk, dv (like q, k, v) and dbias [B, H] fp32 (zeros unless need_dbias)."""
-    batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window)
+    batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window, softcap,
+                                                       dropout_p)  # fmt: skip
     varlen, kv_heads = cu_q is not None, k.shape[-2]
     do = do.contiguous() if do.stride(-1) != 1 else do
     alloc = torch.zeros_like if varlen else torch.empty_like  # varlen: rows past the last sequence get 0
@@ -343,16 +405,17 @@ def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, 
     partial = torch.zeros(batch * heads, triton.cdiv(len_q, min_block), device=q.device, dtype=torch.float32)
     alibi_arg = alibi if alibi is not None else bias
     cu = (cu_q, cu_k) if varlen else (_dummy(q), _dummy(q))
+    common = (len_q, len_k, -scale * LOG2E.value, softcap, *window, seed, dropout_p)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads)](
         q, k, v, do, dq, partial, bias, alibi_arg, *cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dq, varlen), sab, partial.stride(0), len_q, len_k, scale, *window,
+        *_strides(dq, varlen), sab, partial.stride(0), *common,
         H=heads, GROUP=heads // kv_heads, NEED_DBIAS=need_dbias, **flags,
     )  # fmt: skip
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(len_k, meta["BLOCK_N"]), batch * kv_heads)](
         q, k, v, do, dk, dv, bias, alibi_arg, *cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dk, varlen), *_strides(dv, varlen), sab, len_q, len_k, scale, *window,
+        *_strides(dk, varlen), *_strides(dv, varlen), sab, *common,
         HK=kv_heads, GROUP=heads // kv_heads, **flags,
     )  # fmt: skip
     return dq, dk, dv, partial.view(batch, heads, -1).sum(dim=2)

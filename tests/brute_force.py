@@ -52,10 +52,11 @@ def _per_head(value, b: int, h: int, rows: int):
 
 
 def attention(q, k, v, *, activation: str, scale: float | None = None, bias=0.0, causal=False, window=(-1, -1),
-              alibi_slopes=None, q_lengths=None, k_lengths=None, dtype=torch.float64):  # fmt: skip
+              alibi_slopes=None, q_lengths=None, k_lengths=None, softcap=0.0, dtype=torch.float64):  # fmt: skip
     """q (B, Tq, H, D), k and v (B, Tk, Hk, D) -> (out (B, Tq, H, D), mass (B, H, Tq), weights
     (B, H, Tq, Tk)), computed in `dtype`. activation: "sigmoid" (p = σ(s + bias), masked 0) or
-    "softmax" (over allowed keys; a row with none is 0). Differentiable in q, k, v and bias."""
+    "softmax" (over allowed keys; a row with none is 0). softcap > 0: scores x become
+    softcap·tanh(x/softcap) before ALiBi and the bias. Differentiable in q, k, v and bias."""
     batch, tq, heads, head_dim = q.shape
     tk, kv_heads = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(head_dim) if scale is None else scale
@@ -69,6 +70,8 @@ def attention(q, k, v, *, activation: str, scale: float | None = None, bias=0.0,
         for h in range(heads):
             g = h // (heads // kv_heads)  # the key/value head query head h shares
             s = q[b, :, h] @ k[b, :, g].T * scale  # (Tq, Tk)
+            if softcap > 0:
+                s = softcap * torch.tanh(s / softcap)
             if alibi_slopes is not None:
                 slope = alibi_slopes[b, h] if alibi_slopes.ndim == 2 else alibi_slopes[h]
                 s = s - slope.to(dtype) * distance.to(dtype)

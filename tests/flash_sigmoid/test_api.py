@@ -10,6 +10,7 @@ from flash_sigmoid import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
+    flash_attn_with_kvcache,
 )
 from flash_sigmoid.reference import _blocks
 
@@ -24,6 +25,17 @@ PACKED = torch.randn(8, 4, 16)
 def bad(**kw):
     args = dict(q=Q, k=K, v=V) | kw
     return lambda: flash_attn_func(**args)
+
+
+def bad_cache(**kw):
+    cache = torch.zeros(2, 16, 4, 16)
+    args = dict(q=Q[:, :1], k_cache=cache, v_cache=cache.clone(), k=K[:, :2], v=V[:, :2],
+                cache_seqlens=torch.tensor([3, 15], dtype=torch.int32)) | kw  # fmt: skip
+    return lambda: flash_attn_with_kvcache(**args)
+
+
+def compiled_dropout():
+    return torch.compile(lambda q: flash_attn_func(q, K, V, dropout_p=0.1), backend="eager", fullgraph=True)(Q)
 
 
 def bad_varlen(**kw):
@@ -55,8 +67,34 @@ def bad_varlen(**kw):
         (bad(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes has shape \(3,\)"),
         (bad(sigmoid_bias=torch.zeros(3)), ValueError, r"shape \[\], \[4\] or \[2, 4\]"),
         (bad(sigmoid_bias=float("nan")), ValueError, "finite"),
-        (bad(dropout_p=0.1), NotImplementedError, "dropout_p"),
-        (bad(return_attn_probs=True), NotImplementedError, "return_attn_mass"),
+        (bad(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        (bad(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be an int"),
+        (compiled_dropout, Exception, "under torch.compile needs dropout_seed"),
+        (bad(softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
+        (bad_varlen(return_attn_probs=True), NotImplementedError, "return_attn_probs is for tests on padded"),
+        (bad_cache(), ValueError, r"cache_seqlens \+ 2 new tokens exceeds its 16 tokens"),
+        (bad_cache(cache_seqlens=torch.tensor([3, 4])), ValueError, "cache_seqlens must be an int32 tensor"),
+        (bad_cache(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, r"shape \(2,\)"),
+        (
+            bad_cache(
+                k_cache=torch.zeros(4, 8, 4, 16),
+                v_cache=torch.zeros(4, 8, 4, 16),
+                block_table=torch.zeros(2, dtype=torch.int32),
+            ),
+            ValueError,
+            r"block_table must be int32 \[batch=2, max_blocks_per_seq\]",
+        ),  # fmt: skip
+        (
+            bad_cache(
+                k_cache=torch.zeros(4, 6, 4, 16),
+                v_cache=torch.zeros(4, 6, 4, 16),
+                block_table=torch.zeros(2, 2, dtype=torch.int32),
+            ),
+            ValueError,
+            "must be a power of two, got 6",
+        ),  # fmt: skip
+        (bad_cache(k=None), ValueError, "k and v are given together"),
+        (bad_cache(k=K[:, :2, :2]), ValueError, "k and v must be"),
         (bad_varlen(cu_seqlens_q=CU.long()), ValueError, "cu_seqlens_q must be a 1-D int32"),
         (bad_varlen(cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "describe 2 and 1 sequences"),
         (

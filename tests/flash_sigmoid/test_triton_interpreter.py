@@ -3,7 +3,8 @@
 Triton fixes interpreter mode when kernels are defined, so the accuracy cases run again in a
 fresh process with TRITON_INTERPRET=1 (there the same API calls dispatch to the kernels).
 Run them directly with:
-    TRITON_INTERPRET=1 python -m pytest tests/flash_sigmoid/test_accuracy.py tests/flash_sigmoid/test_kernel_offsets.py
+    TRITON_INTERPRET=1 python -m pytest tests/flash_sigmoid/test_accuracy.py tests/flash_sigmoid/test_features.py \
+        tests/flash_sigmoid/test_kernel_helpers.py
 """
 
 import os
@@ -20,7 +21,8 @@ pytest.importorskip("triton")
 
 @pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
 def test_accuracy_cases_on_the_triton_kernels():
-    cases = [Path(__file__).with_name(name) for name in ("test_accuracy.py", "test_kernel_offsets.py")]
+    names = ("test_accuracy.py", "test_features.py", "test_kernel_helpers.py")
+    cases = [Path(__file__).with_name(name) for name in names]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, cases)],
         env={**os.environ, "TRITON_INTERPRET": "1"},
