@@ -5,8 +5,10 @@ runs with step caps (a command's own value of a capped key is replaced, never du
 must exit 0; placeholders (`outputs/NAME/RUN`, a dated multirun folder, `step_0002000.pt`) are
 the newest runs the earlier commands made. What needs hardware or data this machine lacks (a
 GPU cluster, /data/..., SLURM, the network) is composed instead (`--cfg job`): the command's
-config must still be valid. Every Python block runs as a script. Set-up and the test suite
-itself (the two commands of the first block's second line and the Tests section) are skipped.
+config must still be valid; `gpu_check.sh` is syntax-checked, and `inspect_kernels.py`,
+whose compilations test_kernel_cost.py runs and asserts on, prints its help. Every Python
+block runs as a script. Set-up and the test suite itself (the two commands of the first
+block's second line and the Tests section) are skipped.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def how_to_run(command: str) -> tuple[list[str], str]:
         return [sys.executable, "-m", "attention_simulator.train", *module_args, "--cfg", "job"], f"composed ({reason})"
     if "wandb_dashboard.py" in command:
         return [*python, str(ROOT / args[1]), "--help"], "--help (it needs the network)"
+    if "inspect_kernels.py" in command:  # the same compilations, asserted on
+        return [*python, str(ROOT / args[1]), "--help"], "--help (test_kernel_cost.py runs it)"
+    if "gpu_check.sh" in command:
+        return ["bash", "-n", str(ROOT / args[1])], "syntax (it needs a GPU)"
     if "attention_simulator.train" in args:
         return [*python, *capped(args[1:])], "run, capped"
     if args[1].startswith("scripts/"):  # README's scripts are the checkout's

@@ -20,6 +20,7 @@ from flash_sigmoid import flash_attn_func, flash_attn_varlen_func
 
 from ..attention_simulator.conftest import train
 from ..attention_simulator.test_parity_matrix import check_backends
+from ..flash_sigmoid import test_features
 from ..flash_sigmoid.helpers import criterion, make_inputs, reference_run
 from ..flash_sigmoid.test_accuracy import SHAPES
 
@@ -44,6 +45,39 @@ def test_triton_kernels_on_the_device(shape, causal, dtype):
     criterion(mass.cpu(), lowp[1], exact[1], "mass")
     for name, ours, lo, ex in zip(("dq", "dk", "dv", "dbias"), grads, lowp[2], exact[2]):
         criterion(ours.cpu(), lo, ex, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_sigmoid_at_minus_log_n_on_the_device(dtype):
+    """ex2.approx and the Newton reciprocal where p ≈ 1/16384."""
+    test_features.check_sigmoid_at_minus_log_n("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softcap_on_the_device(dtype):
+    test_features.check_softcap("cuda", dtype)
+
+
+def test_dropout_on_the_device():
+    test_features.check_dropout("cuda")
+
+
+@pytest.mark.parametrize("paged, num_splits, rotary", [(False, 1, None), (True, 3, True), (True, 0, False)])
+def test_kvcache_on_the_device(paged, num_splits, rotary):
+    test_features.check_kvcache("cuda", paged, num_splits, rotary)
+
+
+def test_torch_compile_on_the_device():
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make_inputs(2, 300, 300, 4, 2, 64, torch.bfloat16))
+    bias = torch.tensor(-5.0, device="cuda", requires_grad=True)
+
+    def f(q, k, v, bias):
+        return flash_attn_func(q, k, v, causal=True, sigmoid_bias=bias, dropout_p=0.1, dropout_seed=3).float().sum()
+
+    eager = torch.autograd.grad(f(q, k, v, bias), [q, bias])
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v, bias), [q, bias])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
 
 
 def test_varlen_kernels_with_rows_past_the_last_sequence():
