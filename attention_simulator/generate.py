@@ -1,6 +1,7 @@
 """Sample text from a trained language model.
 
     python -m attention_simulator.generate ckpt=RUN/checkpoints/step_0002000.pt prompt="The " [key=value ...]
+    python -m attention_simulator.generate ckpt=... 'prompt=["The ","Once upon a time"]'   # one batch
 
 Options (configs/generate.yaml): max_new_tokens, temperature, top_k, top_p, stop, num_samples,
 seed, device, use_cache.
@@ -73,18 +74,18 @@ def sample(cfg: DictConfig) -> list[str]:
     generator = torch.Generator().manual_seed(cfg.seed)
     options = dict(stop=_unescape(cfg.stop), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    use_cache=cfg.use_cache, generator=generator)  # fmt: skip
-    prompt = _unescape(cfg.prompt)
-    return [
-        prompt + generate_text(model, tokenizer, prompt, cfg.max_new_tokens, **options) for _ in range(cfg.num_samples)
-    ]
+    prompts = [_unescape(p) for p in ([cfg.prompt] if isinstance(cfg.prompt, str) else cfg.prompt)]
+    batch = [p for p in prompts for _ in range(cfg.num_samples)]  # every sample of every prompt in one batch
+    return [p + text for p, text in zip(batch, generate_text(model, tokenizer, batch, cfg.max_new_tokens, **options))]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig):
     with exit_on_user_error("generate"):
-        for i, text in enumerate(sample(cfg)):
-            if cfg.num_samples > 1:
-                print(f"--- sample {i + 1} of {cfg.num_samples} ---")
+        texts = sample(cfg)
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- sample {i + 1} of {len(texts)} ---")
             print(text)
 
 

@@ -1,4 +1,5 @@
-"""Sampling from a decoder LM: temperature, top-k, top-p, a stop string, with a KV cache."""
+"""Sampling from a decoder LM: temperature, top-k, top-p, a stop string, with a KV cache, for
+several prompts of different lengths in one batch."""
 
 from __future__ import annotations
 
@@ -24,42 +25,62 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 @torch.no_grad()
-def generate_ids(
-    model, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+def generate_batch(
+    model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
     top_p: float | None = None, stop: Callable[[list[int]], bool] | None = None, use_cache: bool | None = None,
     generator=None,
-) -> list[int]:  # fmt: skip
-    """The new token ids. With use_cache the prompt is processed once and each step feeds one
-    token; without, every step recomputes the whole sequence (the reference the cache must equal).
-    None: the cache whenever it is exact for this model (see `DecoderLM.cacheable`)."""
+) -> list[list[int]]:  # fmt: skip
+    """The new token ids of each prompt, all decoded in one batch (prompts of any lengths: each
+    sequence continues at its own position, and equals decoding it alone). With use_cache the
+    prompts are processed once and each step feeds one token per sequence; without, every step
+    recomputes the sequences (the reference the cache must equal). None: the cache whenever it
+    is exact for this model (see `DecoderLM.cacheable`). Sampling draws row by row from
+    `generator`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    tokens = torch.tensor([prompt], device=device)
     if use_cache is None:
         use_cache = model.cacheable
-    cache = model.new_cache(1, len(prompt) + max_new_tokens) if use_cache else None
-    logits = model(tokens, cache)[0, -1]
-    new: list[int] = []
+    cache = model.new_cache(len(prompts), max(map(len, prompts)) + max_new_tokens) if use_cache else None
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    step_tokens = prompts
     for _ in range(max_new_tokens):
-        new.append(sample_next(logits, temperature, top_k, top_p, generator))
-        if stop is not None and stop(new):
+        rows = [p + n for p, n in zip(prompts, new)] if cache is None else step_tokens
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        width = int(lengths.max())
+        tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # right-padded
+        logits = model(tokens, cache, lengths if width > int(lengths.min()) else None)  # (B, T, V)
+        last = logits[torch.arange(len(rows), device=device), lengths - 1]  # (B, V): each row's last real token
+        for b in range(len(prompts)):
+            if not done[b]:
+                new[b].append(sample_next(last[b], temperature, top_k, top_p, generator))
+                done[b] = stop is not None and stop(new[b])
+        if all(done):
             break
-        if cache is not None:
-            logits = model(torch.tensor([[new[-1]]], device=device), cache)[0, -1]
-        else:
-            logits = model(torch.tensor([prompt + new], device=device))[0, -1]
+        step_tokens = [n[-1:] for n in new]  # finished rows keep feeding their last token; it is not kept
     model.train(was_training)
     return new
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, stop: str | None = None, **kw) -> str:
-    """The continuation of `prompt`, cut at the end-of-document token or the stop string."""
+def generate_ids(model, prompt: list[int], max_new_tokens: int, **kw) -> list[int]:
+    """The new token ids of one prompt (see `generate_batch`)."""
+    return generate_batch(model, [prompt], max_new_tokens, **kw)[0]
+
+
+def generate_text(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, stop: str | None = None, **kw
+) -> list[str]:
+    """The continuation of each prompt (decoded in one batch), cut at the end-of-document token
+    or the stop string."""
 
     def done(ids: list[int]) -> bool:
         return ids[-1] == tokenizer.eos_id or (stop is not None and stop in tokenizer.decode(ids))
 
     # an empty prompt starts a new document: after the token that ends the previous one
-    ids = generate_ids(model, tokenizer.encode(prompt) or [tokenizer.eos_id], max_new_tokens, stop=done, **kw)
-    text = tokenizer.decode(i for i in ids if i != tokenizer.eos_id)
-    return text.split(stop)[0] if stop else text
+    encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+    texts = []
+    for ids in generate_batch(model, encoded, max_new_tokens, stop=done, **kw):
+        text = tokenizer.decode(i for i in ids if i != tokenizer.eos_id)
+        texts.append(text.split(stop)[0] if stop else text)
+    return texts

@@ -111,21 +111,34 @@ class AttentionConfig:
 
 
 class KVCache:
-    """Keys and values of one attention layer for incremental decoding, preallocated."""
+    """Keys and values of one attention layer for incremental decoding, preallocated for a
+    batch: sequence b holds its first lengths[b] tokens (prompts of different lengths decode
+    together, each at its own position)."""
 
     def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, device=None, dtype=None):
         self.k = torch.zeros(batch, max_len, kv_heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.filled = 0  # tokens written to the longest row: the keys a step reads
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new (B, t, Hk, D) keys and values; return all so far."""
-        end = self.length + k.shape[1]
-        if end > self.k.shape[1]:
-            raise ValueError(f"KV cache holds {self.k.shape[1]} tokens; {end} requested. Allocate a longer cache.")
-        self.k[:, self.length : end], self.v[:, self.length : end] = k, v
-        self.length = end
-        return self.k[:, :end], self.v[:, :end]
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (B, t, Hk, D) keys and values at each sequence's end; return the first
+        `filled` rows (B, Tk, Hk, D) for attention (rows past a sequence's length are padding)."""
+        self._check(k.shape[1])
+        pos = self.lengths[:, None].long() + torch.arange(k.shape[1], device=k.device)  # (B, t)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, pos], self.v[rows, pos] = k, v
+        return self.k[:, : self.filled + k.shape[1]], self.v[:, : self.filled + k.shape[1]]
+
+    def _check(self, new: int):
+        if self.filled + new > self.k.shape[1]:
+            raise ValueError(f"KV cache holds {self.k.shape[1]} tokens; {self.filled + new} requested. "
+                             "Allocate a longer cache.")  # fmt: skip
+
+    def advance(self, new: torch.Tensor | int, width: int):
+        """After a step of `width` positions, `new` (per sequence, or all) of them were real."""
+        self.lengths += new if isinstance(new, int) else new.to(self.lengths.dtype)
+        self.filled += width
 
 
 def _compact(b: torch.Tensor, heads: int) -> torch.Tensor:
@@ -252,14 +265,22 @@ class Attention(nn.Module):
         lengths = None if padding is None else padding.lengths
         k_lengths = None if k_padding is None else k_padding.lengths
         q, k = self.q_norm(q), self.k_norm(k)
-        offset = 0 if cache is None else cache.length
-        if self.rope is not None:
+        if self.rope is not None:  # each sequence continues at its own position
+            offset = 0 if cache is None else cache.lengths
             q, k = self.rope(q, offset), self.rope(k, offset)
+        new = tq = q.shape[1]
+        fused_cache = cache is not None and self.config.backend == "flash_sigmoid"
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, offset + Tq, Hk, D)
+            new = tq if padding is None else padding.lengths
+            if fused_cache:  # flash_attn_with_kvcache writes the new keys and reads the cache in place
+                cache._check(tq)
+            else:
+                k, v = cache.write(k, v)  # (B, filled + Tq, Hk, D)
+                k_padding = Padding.of(cache.lengths + new, k.shape[1])
+                k_lengths = k_padding.lengths
         if self.log_temperature is not None:
             q = q * self.log_temperature.exp().reshape(-1, 1).to(q.dtype)  # scales every logit of the head
-        tq, tk = q.shape[1], k.shape[1]
+        tk = (cache.filled + tq) if fused_cache else k.shape[1]
         spec = AttentionSpec(
             scale=1.0 / math.sqrt(self.head_dim),
             causal=self.causal,
@@ -270,8 +291,11 @@ class Attention(nn.Module):
             q_padding=padding,
             k_padding=k_padding,
             probe=self.weights_probe if self.weights_probe.active else None,
+            kv_cache=cache if fused_cache else None,
         )
         out = self.backend(q, k, v, spec)  # (B, Tq, H, D)
+        if cache is not None:
+            cache.advance(new, tq)
         if self.config.length_norm is not None:
             n = self.keys_per_row(tq, tk, lengths, k_lengths, x.device).clamp(min=1)  # (B|1, Tq)
             out = out * (n if self.config.length_norm == "n" else n.sqrt()).reciprocal()[..., None, None].to(out.dtype)

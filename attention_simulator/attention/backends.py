@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from einops import rearrange
 
 import flash_sigmoid
 from flash_sigmoid.reference import attention_mask, sigmoid_weights, weighted_values
+
+if TYPE_CHECKING:
+    from .attention import KVCache
 
 from ..diagnostics.probes import AttentionProbe
 from .masks import Padding
@@ -38,6 +42,7 @@ class AttentionSpec:
     q_padding: Padding | None = None  # right-padded batches
     k_padding: Padding | None = None
     probe: AttentionProbe | None = None  # set while diagnostics record: gets the weights (or the mass)
+    kv_cache: KVCache | None = None  # decoding with flash_sigmoid: k, v are the new tokens, appended in place
 
     @property
     def q_lengths(self) -> torch.Tensor | None:
@@ -197,14 +202,18 @@ def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     return rearrange(out * any_key.to(out.dtype), "b h t d -> b t h d")
 
 
-@register_backend("flash_sigmoid", "sigmoid", {"causal", "window", "alibi", "sigmoid_bias", "length_norm"})
+@register_backend("flash_sigmoid", "sigmoid", {"causal", "window", "alibi", "dropout", "sigmoid_bias", "length_norm"})
 def flash_sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     """This repo's fused kernel: Triton on CUDA, the chunked O(T·block)-memory path on CPU.
     Padded batches run through its varlen path (no padding computed)."""
-    kw = dict(softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window, alibi_slopes=spec.alibi_slopes,
-              sigmoid_bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias,
+    kw = dict(dropout_p=spec.dropout_p, softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window,
+              alibi_slopes=spec.alibi_slopes, sigmoid_bias=0.0 if spec.sigmoid_bias is None else spec.sigmoid_bias,
               return_attn_mass=spec.probe is not None)  # fmt: skip
-    if spec.k_padding is not None:
+    if spec.kv_cache is not None:
+        kw.pop("dropout_p")  # decoding: the module is in eval mode
+        cache = spec.kv_cache
+        result = flash_sigmoid.flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.lengths, **kw)
+    elif spec.k_padding is not None:
         result = _varlen(flash_sigmoid.flash_attn_varlen_func, q, k, v, spec, **kw)
     else:
         result = flash_sigmoid.flash_attn_func(q, k, v, **kw)

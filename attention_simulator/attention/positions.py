@@ -27,10 +27,12 @@ class RotaryEmbedding(nn.Module):
         exponent = torch.arange(0, self.rotated, 2, dtype=torch.float64) / self.rotated
         self.register_buffer("inv_freq", (1.0 / base**exponent).float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x (B, T, H, D) at positions offset .. offset + T − 1 -> rotated x (B, T, H, D)."""
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)[None, :, None, :]  # (1, T, 1, R/2)
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """x (B, T, H, D) at positions offset .. offset + T − 1 (offset: one for all, or (B,) per
+        sequence) -> rotated x (B, T, H, D)."""
+        steps = torch.arange(x.shape[1], device=x.device)
+        positions = (torch.as_tensor(offset, device=x.device).reshape(-1, 1) + steps).float()  # (B|1, T)
+        angles = (positions[..., None] * self.inv_freq)[:, :, None, :]  # (B|1, T, 1, R/2)
         cos, sin = angles.cos(), angles.sin()
         half = self.rotated // 2
         x1, x2, rest = x[..., :half].float(), x[..., half : self.rotated].float(), x[..., self.rotated :]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionConfig, KVCache, sincos_1d
+from ..attention.masks import Padding
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
 from ..errors import ConfigError
@@ -76,14 +77,19 @@ class DecoderLM(nn.Module):
         weight = self.token_embedding.weight
         return [block.attn.new_cache(batch, max_len, weight.device, weight.dtype) for block in self.blocks]
 
-    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
-        offset = 0 if cache is None else cache[0].length
-        end = offset + tokens.shape[1]
+    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`lengths` (B,): right-padded rows (prompts of different lengths); with a `cache`, each
+        sequence continues at its own position."""
+        offset = 0 if cache is None else cache[0].lengths[:, None].long()  # (B, 1)
+        positions = offset + torch.arange(tokens.shape[1], device=tokens.device)  # (B|1, T)
         x = self.token_embedding(tokens)  # (B, T, D)
         if self.pos_embed is not None:
+            end = tokens.shape[1] if cache is None else cache[0].filled + tokens.shape[1]
             if end > self.max_seq_len:
                 raise ValueError(f"{end} tokens exceed model.max_seq_len={self.max_seq_len} (absolute positions).")
-            x = x + self.pos_embed[:, offset:end]
+            x = x + self.pos_embed[0, positions]
+        padding = None if lengths is None else Padding.of(lengths, tokens.shape[1])
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if cache is None else cache[i])  # (B, T, D)
+            x = block(x, padding, cache=None if cache is None else cache[i])  # (B, T, D)
         return self.logits_probe(self.head(self.norm(x)))  # (B, T, V)

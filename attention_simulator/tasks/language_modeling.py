@@ -52,11 +52,7 @@ class LanguageModelingTask(Task):
         }
 
     def samples(self, model: nn.Module, data) -> dict[str, str]:
-        """A continuation of each sample prompt (logged at every evaluation)."""
-        return {
-            f"samples/{i}": prompt
-            + generate_text(
-                model, data.tokenizer, prompt, self.sample_tokens, temperature=self.sample_temperature
-            )  # fmt: skip
-            for i, prompt in enumerate(self.sample_prompts)
-        }
+        """A continuation of each sample prompt, decoded in one batch (logged at every evaluation)."""
+        prompts = list(self.sample_prompts)
+        texts = generate_text(model, data.tokenizer, prompts, self.sample_tokens, temperature=self.sample_temperature)
+        return {f"samples/{i}": prompt + text for i, (prompt, text) in enumerate(zip(prompts, texts))}

@@ -234,7 +234,6 @@ def test_cross_attention_with_other_lengths_and_widths(naive, fused):
         ),
         (dict(backend="flash_softmax", learnable_bias="scalar"), r"cannot honour sigmoid_bias"),
         (dict(backend="flash_sigmoid", sigmoid_bias="auto", bias_n="per_row"), r"per_row_bias; .*\['sigmoid'\]"),
-        (dict(backend="flash_sigmoid", attn_drop=0.1), r"cannot honour dropout; .*flash_softmax"),
         (dict(backend="sigmoid", sigmoid_bias=1.0, bias_n="per_row"), r"bias_n=per_row only applies"),
         (dict(position="absolute"), r"attention.position='absolute'"),
         (dict(window=-3), r"window=-3"),
@@ -243,6 +242,17 @@ def test_cross_attention_with_other_lengths_and_widths(naive, fused):
 def test_impossible_options_are_refused_at_construction(config, message):
     with pytest.raises(ConfigError, match=message):
         AttentionConfig(**config)
+
+
+def test_flash_sigmoid_attention_dropout_in_training_only():
+    torch.manual_seed(0)
+    dropped = Attention(32, 4, AttentionConfig(backend="flash_sigmoid", sigmoid_bias=-2.0, attn_drop=0.5))
+    plain = Attention(32, 4, AttentionConfig(backend="flash_sigmoid", sigmoid_bias=-2.0))
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randn(2, 9, 32)
+    assert not torch.allclose(dropped(x), dropped(x))  # a fresh pattern each call
+    dropped.eval()
+    torch.testing.assert_close(dropped(x), plain(x))
 
 
 def test_structural_mistakes_are_refused():

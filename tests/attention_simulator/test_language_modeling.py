@@ -15,7 +15,7 @@ from attention_simulator.attention import AttentionConfig
 from attention_simulator.data.text import PackedBlocks, TextData, load_pydoc, token_stream
 from attention_simulator.data.tokenizers import BPETokenizer, ByteTokenizer, tokenizer_from_json
 from attention_simulator.errors import ConfigError, DatasetUnavailableError
-from attention_simulator.generation import generate_ids, sample_next
+from attention_simulator.generation import generate_batch, generate_ids, sample_next
 from attention_simulator.models.lm import DecoderLM
 from attention_simulator.tasks.language_modeling import LanguageModelingTask
 
@@ -129,6 +129,19 @@ def test_kv_cache_generation_equals_recomputation(backend, options):
     tokens = torch.tensor([PROMPT + cached[:-1]])
     step_logits = [model(tokens[:, :5], cache)[0]] + [model(tokens[:, i : i + 1], cache)[0] for i in range(5, 24)]
     torch.testing.assert_close(torch.cat(step_logits), model(tokens)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, options", CACHE_CASES, ids=[f"{b}-{o['position']}" for b, o in CACHE_CASES])
+def test_prompts_of_different_lengths_in_one_batch_equal_each_alone(backend, options):
+    """Each sequence continues at its own position (flash_sigmoid: through flash_attn_with_kvcache)."""
+    model = tiny_lm(backend, **options)
+    prompts = [PROMPT, [7, 2], PROMPT + [11, 12, 13, 14]]
+    alone = [generate_ids(model, p, 10, use_cache=False) for p in prompts]
+    assert generate_batch(model, prompts, 10, use_cache=True) == alone
+    assert generate_batch(model, prompts, 10, use_cache=False) == alone
+    # a row that stops early is cut there; the others go on
+    stopped = generate_batch(model, prompts, 10, stop=lambda ids: ids == alone[0][:3])
+    assert stopped == [a[:3] if a[:3] == alone[0][:3] else a for a in alone] and len(stopped[0]) == 3
 
 
 @pytest.mark.parametrize("backend", ["sigmoid", "flash_sigmoid"])
