@@ -36,6 +36,8 @@ def generate_batch(
     recomputes the sequences (the reference the cache must equal). None: the cache whenever it
     is exact for this model (see `DecoderLM.cacheable`). Sampling draws row by row from
     `generator`."""
+    if not prompts:
+        return []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

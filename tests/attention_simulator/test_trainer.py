@@ -114,7 +114,13 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16"])  # bf16: README's command (tests/e2e/test_readme.py), torchrun's
 def test_low_precision_trains(precision, tmp_path):
-    train(tmp_path, "+experiment=vit_sigmoid", "trainer.max_steps=30", f"trainer.precision={precision}")
+    train(
+        tmp_path,
+        "+experiment=vit_sigmoid",
+        "trainer.max_steps=20",
+        "data.batch_size=32",
+        f"trainer.precision={precision}",
+    )
     rows = pd.read_parquet(tmp_path / "metrics.parquet")
     loss = rows["train/loss"].dropna()
     assert loss.iloc[-1] < loss.iloc[0] and loss.notna().all()
