@@ -134,11 +134,16 @@ def _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, pid_bh, offs_m, offs_n, len_q_max, len_k_max, dropout_p):
-    """The dropout pattern: element (b·h, i, j) is kept when its counter-based random number
-    (Philox on seed and the element's index) is at least dropout_p; the same in every kernel."""
+def _keep(seed, pid_bh, offs_m, start_n, len_q_max, len_k_max, dropout_p, BLOCK_N: tl.constexpr):
+    """The dropout pattern of the tile (offs_m, start_n … start_n + BLOCK_N): element (b·h, i, j)
+    is kept when its counter-based random number is at least dropout_p, the same in every
+    kernel. One Philox call (seed; counter = the index of (b·h, i, j // 4)) gives the four
+    numbers of columns 4·(j // 4) … + 3: a quarter of the integer work of one call per element."""
     rows = pid_bh.to(tl.int64) * len_q_max + offs_m.to(tl.int64)
-    return tl.rand(seed, rows[:, None] * len_k_max + offs_n[None, :]) >= dropout_p
+    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * ((len_k_max + 3) // 4) + quads[None, :])
+    r = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # (M, N/4, 2, 2): column 4q + k takes r_k
+    return tl.random.uint_to_uniform_float(tl.reshape(r, (offs_m.shape[0], BLOCK_N))) >= dropout_p
 
 
 @triton.jit

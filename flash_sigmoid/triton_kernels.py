@@ -167,7 +167,7 @@ def _fwd_kernel(
             if RETURN_MASS:
                 mass += tl.sum(p, axis=1)
             if DROPOUT:  # scaled by 1 / (1 − dropout_p) once, at the end
-                p = tl.where(_keep(seed, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p), p, 0.0)
+                p = tl.where(_keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N), p, 0.0)
             acc += _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
@@ -225,7 +225,7 @@ def _bwd_dq_kernel(
             v = _load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
             p, dcap = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
                              phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
-            keep = _keep(seed, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p) if DROPOUT else None
+            keep = _keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N) if DROPOUT else None
             dp = _dot(do, tl.trans(v), UPCAST, IEEE)
             ds = _ds(p, dp, keep, 1.0 / (1.0 - dropout_p), DROPOUT)
             if NEED_DBIAS:
@@ -278,7 +278,7 @@ def _bwd_dkdv_kernel(
                 do = _load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
                 p, dcap = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
                                  phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
-                keep = _keep(seed, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p) if DROPOUT else None
+                keep = _keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N) if DROPOUT else None
                 p_out = tl.where(keep, p * inv_keep, 0.0) if DROPOUT else p
                 dv += _dot(tl.trans(_cast(p_out, do.dtype, UPCAST)), do, UPCAST, IEEE)
                 ds = _ds(p, _dot(do, tl.trans(v), UPCAST, IEEE), keep, inv_keep, DROPOUT)
@@ -296,7 +296,7 @@ def _keep_kernel(Keep, seed, dropout_p, len_q, len_k, BLOCK: tl.constexpr):
     offs_m = row + tl.arange(0, 1)
     for start_n in range(0, len_k, BLOCK):
         offs_n = start_n + tl.arange(0, BLOCK)
-        keep = _keep(seed, pid_bh, offs_m, offs_n, len_q, len_k, dropout_p)
+        keep = _keep(seed, pid_bh, offs_m, start_n, len_q, len_k, dropout_p, BLOCK)
         where = Keep + (pid_bh.to(tl.int64) * len_q + row) * len_k + offs_n[None, :]
         tl.store(where, keep.to(tl.int8), mask=(offs_n < len_k)[None, :])
 

@@ -72,6 +72,9 @@ def check_dropout(device):
     allowed = p.detach() > 0
     rate, n = keep[allowed].double().mean().item(), allowed.sum().item()
     assert abs(rate - (1 - p_drop)) < 4 * math.sqrt(p_drop * (1 - p_drop) / n), (rate, n)
+    both = allowed[..., :-1] & allowed[..., 1:]  # neighbours drawn independently agree p² + (1 − p)² of the time
+    agree = (keep[..., :-1] == keep[..., 1:])[both].double().mean().item()
+    assert abs(agree - (p_drop**2 + (1 - p_drop) ** 2)) < 0.05, agree
     again = flash_attn_func(qd, kd, vd, **kw)
     other = flash_attn_func(qd, kd, vd, **(kw | {"dropout_seed": seed + 1}))
     assert torch.equal(again, out) and not torch.equal(other, out)
