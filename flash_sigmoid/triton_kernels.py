@@ -8,8 +8,13 @@ the query heads of a GQA group), one per query block for dQ and the bias gradien
 a contiguous fp32 [batch, heads] table (per head, or per sequence and head).
 
 Layouts: padded [B, T, H, D] or packed varlen [total, H, D] with cu_seqlens; the kernels see
-both through (batch stride, token stride, head stride) and per-sequence start offsets.
-Import this module only after TRITON_INTERPRET is decided: Triton fixes the mode at decoration.
+both through (batch stride, token stride, head stride) and per-sequence start offsets. The
+forward also reads a KV cache (a (first token, length) table per sequence, a batch-index map,
+pages through a block table) and may take one slice of the key blocks per program (split-KV:
+the launcher adds the slices). Options are constexprs (causal, window, ALiBi, varlen, softcap,
+dropout, KV cache), so each variant compiles to its own kernel; the element-wise pipeline lives
+in `tiles.py`. Import this module only after TRITON_INTERPRET is decided: Triton fixes the mode
+at decoration.
 """
 
 from __future__ import annotations
