@@ -4,6 +4,8 @@ opt = optorch.adamw(learning_rate=3e-4, weight_decay=0.05)
 state = opt.init(params)                       # params: dict name -> tensor
 updates, state = opt.update(grads, state, params)
 optorch.apply_updates(params, updates)
+
+Params may be DTensors (FSDP2's `fully_shard`): see `optorch.sharding`.
 """
 
 from . import amp, schedules
@@ -17,6 +19,7 @@ from .base import (
     state_dict,
     state_norms,
 )
+from .sharding import norms
 from .transforms import (
     add_decayed_weights,
     clip_by_global_norm,
@@ -40,6 +43,7 @@ __all__ = [
     "state_dict",
     "load_state_dict",
     "state_norms",
+    "norms",
     "register_state",
     "identity",
     "scale",

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .base import register_state
+from .sharding import any_over_shards, local
 
 
 @register_state
@@ -55,15 +56,18 @@ def dynamic_loss_scale(
         return loss * state.scale.to(loss.dtype)
 
     def unscale(grads, state):
-        """Divide grads by the scale in place; return 1.0 if any was inf or nan, else 0.0."""
+        """Divide grads by the scale in place; return 1.0 if any was inf or nan, else 0.0.
+
+        With sharded grads the verdict covers every shard (one all_reduce), so that all processes
+        skip the same steps and a parameter's shards never part ways."""
         found_inf = torch.zeros((), dtype=torch.float32, device=state.scale.device)
         inv_scale = state.scale.double().reciprocal().float()
         by_dtype = defaultdict(list)
-        for g in grads.values():
+        for g in local(grads.values()):
             by_dtype[g.dtype].append(g)
         for group in by_dtype.values():
             torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
-        return found_inf
+        return any_over_shards(found_inf, grads.values())
 
     def update(state, found_inf):
         overflow = found_inf > 0

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .sharding import copy_like, local, norms
+
 Params = dict[str, torch.Tensor]
 Updates = dict[str, torch.Tensor]
 State = Any  # a NamedTuple (or tuple) whose leaves are tensors or dicts of tensors
@@ -115,10 +117,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 @torch.no_grad()
 def apply_updates(params: Params, updates: Updates) -> None:
     """`params[k] += updates[k]` in place for every key of `updates` (one foreach kernel per
-    dtype/device); parameters without an update stay as they are."""
+    dtype/device, on the local shards of DTensors); parameters without an update stay as they are."""
     check_tree(updates, params, "updates")
     keys = list(updates)
-    torch._foreach_add_([params[k] for k in keys], [updates[k] for k in keys])
+    torch._foreach_add_(local(params[k] for k in keys), local(updates[k] for k in keys))
 
 
 # ---- state trees: checkpointing and statistics -------------------------------------------
@@ -139,7 +141,9 @@ def load_state_dict(template: State, saved: Any, path: str = "state") -> State:
     """Rebuild a state shaped like `template` (from `opt.init(params)`) with `saved`'s values.
 
     Tensors are copied onto the template's device and dtype, so a checkpoint written on one
-    device resumes on another. Any structural difference raises ValueError naming its path.
+    device resumes on another; a DTensor in the template takes a DTensor of the same sharding
+    (what torch.distributed.checkpoint loads). Any structural difference raises ValueError naming
+    its path.
     """
     if isinstance(template, tuple) and hasattr(template, "_fields"):
         saved = _expect(saved, dict, path)
@@ -166,7 +170,7 @@ def load_state_dict(template: State, saved: Any, path: str = "state") -> State:
         saved = _expect(saved, torch.Tensor, path)
         if saved.shape != template.shape:
             raise ValueError(f"{path}: saved shape {tuple(saved.shape)}, expected {tuple(template.shape)}")
-        return saved.to(device=template.device, dtype=template.dtype, copy=True)
+        return copy_like(saved, template, path)
     return saved
 
 
@@ -180,19 +184,19 @@ def state_norms(state: State) -> dict[str, torch.Tensor]:
     """L2 norm of every per-parameter state buffer, as `{"exp_avg/<param>": 0-d tensor}`.
 
     The norms stay on the buffers' device (no host sync); the diagnostics stack and transfer
-    them together with everything else they log.
+    them together with everything else they log. Sharded buffers give whole-buffer norms (one
+    all_reduce for the whole state).
     """
-    out: dict[str, torch.Tensor] = {}
-    for field, buffers in _named_buffers(state):
-        floats = {k: t for k, t in buffers.items() if t.is_floating_point()}
+    buffers: dict[str, torch.Tensor] = {}
+    for field, named in _named_buffers(state):
+        floats = {k: t for k, t in named.items() if t.is_floating_point()}
         if not floats:
             continue
         key = field
-        while any(k.startswith(key + "/") for k in out):  # same field twice, e.g. two traces
+        while any(k.startswith(key + "/") for k in buffers):  # same field twice, e.g. two traces
             key += "_"
-        for name, norm in zip(floats, torch._foreach_norm(list(floats.values()))):
-            out[f"{key}/{name}"] = norm
-    return out
+        buffers.update({f"{key}/{name}": t for name, t in floats.items()})
+    return dict(zip(buffers, norms(buffers.values())))
 
 
 def _named_buffers(state):

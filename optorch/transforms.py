@@ -5,6 +5,9 @@ states are NamedTuples of tensors and dicts of tensors keyed by parameter name. 
 hold a subset of the parameters (the others had no gradient): only those, and their state, are
 touched. Step counters are int64 tensors on the CPU, so reading them for bias corrections never
 syncs a GPU; moment transforms count steps per parameter, as torch.optim does.
+
+Parameters may be DTensors (FSDP2): state made by `init` is then sharded like them, the math
+runs on local shards and whole-tensor norms come from `optorch.norms` (see `optorch.sharding`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from .base import (
     register_state,
     stateless,
 )
+from .sharding import as_updates, local, norms
 
 Schedule = Callable[[int], float]
 Mask = Mapping[str, bool] | Callable[[Params], Mapping[str, bool]]
 
 
 def _zeros_like(params: Params) -> dict[str, torch.Tensor]:
+    # a DTensor's zeros_like is a DTensor with its placement, so checkpoints save state sharded
     return {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()}
 
 
@@ -67,7 +72,7 @@ def scale(factor: float) -> GradientTransformation:
     factor = check_finite(factor, "scale factor", 0)
 
     def update(updates, params):
-        torch._foreach_mul_(list(updates.values()), factor)
+        torch._foreach_mul_(local(updates.values()), factor)
         return updates
 
     return stateless(update)
@@ -92,7 +97,7 @@ def scale_by_schedule(schedule: Schedule, what: str = "schedule") -> GradientTra
         value(state)
 
     def update(updates, state, params=None):
-        torch._foreach_mul_(list(updates.values()), value(state))
+        torch._foreach_mul_(local(updates.values()), value(state))
         state.count.add_(1)
         return updates, state
 
@@ -135,14 +140,14 @@ def scale_by_adam(
 
     def update(updates, state, params=None):
         keys = list(updates)
-        g = [updates[k] for k in keys]
-        m = [state.exp_avg[k] for k in keys]
-        v = [state.exp_avg_sq[k] for k in keys]
+        g = local(updates[k] for k in keys)
+        m = local(state.exp_avg[k] for k in keys)
+        v = local(state.exp_avg_sq[k] for k in keys)
         torch._foreach_lerp_(m, g, 1.0 - b1)
         torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, g, g, 1.0 - b2)
         if amsgrad:
-            v_max = [state.max_exp_avg_sq[k] for k in keys]
+            v_max = local(state.max_exp_avg_sq[k] for k in keys)
             torch._foreach_maximum_(v_max, v)
             v = v_max
         counts = [state.count[k] for k in keys]
@@ -150,19 +155,21 @@ def scale_by_adam(
         bc1, bc2 = zip(*((1.0 - b1**step, 1.0 - b2**step) for step in map(int, counts)))
         # m̂ / (√v̂ + eps) = m / (bc1/√bc2 · √v + bc1 · eps)
         alphas = [c1 / math.sqrt(c2) for c1, c2 in zip(bc1, bc2)]
-        out = _div_by_affine_sqrt(g, m, v, alphas, [c1 * eps for c1 in bc1])
+        out = _div_by_affine_sqrt([updates[k] for k in keys], m, v, alphas, [c1 * eps for c1 in bc1])
         return dict(zip(keys, out)), state
 
     return GradientTransformation(init, update, _check_state_dict("exp_avg"))
 
 
 def _div_by_affine_sqrt(out, num, den_sq, alphas: list[float], shifts: list[float]):
-    """num / (alpha·√den_sq + shift) per tensor, written into `out`'s storage where that saves a pass."""
-    if out and out[0].device.type == "cpu":
+    """num / (alpha·√den_sq + shift) per tensor of the local shards `num` and `den_sq`, as updates
+    like `out` (overwritten), written into `out`'s storage where that saves a pass."""
+    shards = local(out)
+    if shards and shards[0].device.type == "cpu":
         # CPU foreach ops are per-tensor loops anyway; with out= this is three passes over
         # memory and no allocation, which is what keeps AdamW at torch.optim's speed.
         shift_tensors = {}
-        for o, n, d, alpha, shift in zip(out, num, den_sq, alphas, shifts):
+        for o, n, d, alpha, shift in zip(shards, num, den_sq, alphas, shifts):
             s = shift_tensors.get((o.dtype, shift))
             if s is None:
                 s = shift_tensors[o.dtype, shift] = torch.tensor(shift, dtype=o.dtype)
@@ -173,7 +180,7 @@ def _div_by_affine_sqrt(out, num, den_sq, alphas: list[float], shifts: list[floa
     denom = torch._foreach_sqrt(den_sq)
     torch._foreach_mul_(denom, alphas)
     torch._foreach_add_(denom, shifts)
-    return torch._foreach_div(num, denom)
+    return as_updates(torch._foreach_div(num, denom), out)
 
 
 @register_state
@@ -190,11 +197,11 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     def update(updates, state, params=None):
         keys = list(updates)
         g = [updates[k] for k in keys]
-        m = [state.exp_avg[k] for k in keys]
-        direction = torch._foreach_lerp(m, g, 1.0 - b1)
+        g_shards, m = local(g), local(state.exp_avg[k] for k in keys)
+        direction = torch._foreach_lerp(m, g_shards, 1.0 - b1)
         torch._foreach_sign_(direction)
-        torch._foreach_lerp_(m, g, 1.0 - b2)
-        return dict(zip(keys, direction)), state
+        torch._foreach_lerp_(m, g_shards, 1.0 - b2)
+        return dict(zip(keys, as_updates(direction, g))), state
 
     return GradientTransformation(init, update, _check_state_dict("exp_avg"))
 
@@ -220,13 +227,13 @@ def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> Gradi
         # torch.optim.SGD starts a parameter's buffer as a copy of its first gradient
         new, old = ([k for k, s in zip(keys, started) if s == flag] for flag in (False, True))
         if new:
-            torch._foreach_copy_([state.momentum_buffer[k] for k in new], [updates[k] for k in new])
+            torch._foreach_copy_(local(state.momentum_buffer[k] for k in new), local(updates[k] for k in new))
         if old:
-            buf = [state.momentum_buffer[k] for k in old]
+            buf = local(state.momentum_buffer[k] for k in old)
             torch._foreach_mul_(buf, decay)
-            torch._foreach_add_(buf, [updates[k] for k in old], alpha=1.0 - dampening)
-        g = [updates[k] for k in keys]
-        buf = [state.momentum_buffer[k] for k in keys]
+            torch._foreach_add_(buf, local(updates[k] for k in old), alpha=1.0 - dampening)
+        g = local(updates[k] for k in keys)
+        buf = local(state.momentum_buffer[k] for k in keys)
         if nesterov:
             torch._foreach_add_(g, buf, alpha=decay)
         else:
@@ -250,7 +257,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask | None = None) -> Gradie
 
     def update(updates, params):
         keys = list(updates)
-        torch._foreach_add_([updates[k] for k in keys], [params[k] for k in keys], alpha=weight_decay)
+        torch._foreach_add_(local(updates[k] for k in keys), local(params[k] for k in keys), alpha=weight_decay)
         return updates
 
     transform = stateless(update, lambda updates, state, params=None: check(updates, params))
@@ -267,10 +274,11 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0) -> Gr
     def update(updates, params):
         keys = list(updates)
         u = [updates[k] for k in keys]
-        p_norm = torch.stack(torch._foreach_norm([params[k] for k in keys]))
-        u_norm = torch.stack(torch._foreach_norm(u))
+        # both lists in one call: on sharded parameters that is one all_reduce, not two
+        both = norms([params[k] for k in keys] + u)
+        p_norm, u_norm = torch.stack(both[: len(keys)]), torch.stack(both[len(keys) :])
         ratio = torch.where((p_norm > 0) & (u_norm > 0), trust_coefficient * p_norm / (u_norm + eps), 1.0)
-        torch._foreach_mul_(u, list(ratio.to(u[0].dtype).unbind()))
+        torch._foreach_mul_(local(u), list(ratio.to(u[0].dtype).unbind()))
         return updates
 
     return stateless(update, check)
@@ -288,6 +296,7 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
     """Scale updates by min(1, max_norm / (‖updates‖ + 1e-6)): torch's `clip_grad_norm_`.
 
     Like torch it always multiplies (no host sync to test the norm); non-finite norms propagate.
+    On sharded updates the norm is over all shards (one all_reduce), the same on every process.
     """
     if max_norm <= 0:
         raise ValueError(f"max_norm={max_norm} must be > 0.")
@@ -300,9 +309,8 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
         u = list(updates.values())
         if not u:
             return updates, state
-        norms = torch._foreach_norm(u, norm_type)
-        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-        torch._foreach_mul_(u, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        total = torch.linalg.vector_norm(torch.stack(norms(u, norm_type)), norm_type)
+        torch._foreach_mul_(local(u), torch.clamp(max_norm / (total + 1e-6), max=1.0))
         state.global_norm.copy_(total)
         return updates, state
 

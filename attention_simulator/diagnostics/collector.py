@@ -116,7 +116,7 @@ class Diagnostics:
             self.records.update({f"opt/{k}": v for k, v in optorch.state_norms(opt_state).items()})
 
     def _per_parameter(self, prefix: str, names: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        norms = torch._foreach_norm(tensors)
+        norms = optorch.norms(tensors)  # of whole parameters also when sharded (FSDP2): one all_reduce
         self.records.update({f"{prefix}/{name}": norm for name, norm in zip(names, norms)})
         return norms
 
