@@ -1,8 +1,11 @@
-"""Attention: one module, pluggable backends (see `backends.BACKENDS`), positions and masks."""
+"""Attention: one module, pluggable backends (see `backends.BACKENDS`), positions, masks, and ring
+attention for context parallelism (`ring`)."""
 
+from . import ring
 from .attention import Attention, AttentionConfig, KVCache
 from .backends import BACKENDS, AttentionSpec, register_backend
 from .positions import RotaryEmbedding, alibi_slopes, sincos_1d, sincos_2d
+from .ring import ContextParallel, ring_attention, sharded
 
 __all__ = [
     "Attention",
@@ -15,4 +18,8 @@ __all__ = [
     "alibi_slopes",
     "sincos_1d",
     "sincos_2d",
+    "ring",
+    "ContextParallel",
+    "ring_attention",
+    "sharded",
 ]

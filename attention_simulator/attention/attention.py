@@ -13,6 +13,7 @@ from flash_sigmoid.reference import keys_per_row
 
 from ..diagnostics.probes import AttentionProbe, Probe
 from ..errors import ConfigError
+from . import ring
 from .backends import BACKENDS, AttentionSpec, backends_supporting
 from .masks import Padding
 from .norms import make_norm
@@ -260,6 +261,9 @@ class Attention(nn.Module):
         masks are bottom-right aligned, so this equals recomputing the whole prefix)."""
         if self.cross != (context is not None):
             raise ValueError("this Attention was built for " + ("cross" if self.cross else "self") + "-attention.")
+        cp = ring.current()  # context parallel: x is this rank's zig-zag share of longer sequences
+        if cp is not None:
+            ring.check_layer(self.config, cross=self.cross, cache=cache)
         q, k, v = self.project(x, context)  # (B, Tq, H, D), (B, Tk, Hk, D) x 2
         k_padding = context_padding if self.cross else padding
         lengths = None if padding is None else padding.lengths
@@ -267,7 +271,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:  # each sequence continues at its own position
             offset = 0 if cache is None else cache.lengths
-            q, k = self.rope(q, offset), self.rope(k, offset)
+            positions = None if cp is None else cp.positions(q.shape[1], x.device)  # a shard's global positions
+            q, k = self.rope(q, offset, positions), self.rope(k, offset, positions)
         new = tq = q.shape[1]
         fused_cache = cache is not None and self.config.backend == "flash_sigmoid"
         if cache is not None:
@@ -280,7 +285,7 @@ class Attention(nn.Module):
                 k_lengths = k_padding.lengths
         if self.log_temperature is not None:
             q = q * self.log_temperature.exp().reshape(-1, 1).to(q.dtype)  # scales every logit of the head
-        tk = (cache.filled + tq) if fused_cache else k.shape[1]
+        tk = (cache.filled + tq) if fused_cache else k.shape[1] * (1 if cp is None else cp.size)  # keys in the sequence
         spec = AttentionSpec(
             scale=1.0 / math.sqrt(self.head_dim),
             causal=self.causal,
@@ -293,7 +298,11 @@ class Attention(nn.Module):
             probe=self.weights_probe if self.weights_probe.active else None,
             kv_cache=cache if fused_cache else None,
         )
-        out = self.backend(q, k, v, spec)  # (B, Tq, H, D)
+        if cp is None:
+            out = self.backend(q, k, v, spec)  # (B, Tq, H, D)
+        else:
+            backend = self.config.backend
+            out = ring.ring_attention(q, k, v, spec, cp, BACKENDS[backend].activation, ring.KERNELS[backend])
         if cache is not None:
             cache.advance(new, tq)
         if self.config.length_norm is not None:

@@ -27,11 +27,13 @@ class RotaryEmbedding(nn.Module):
         exponent = torch.arange(0, self.rotated, 2, dtype=torch.float64) / self.rotated
         self.register_buffer("inv_freq", (1.0 / base**exponent).float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0, positions: torch.Tensor | None = None):
         """x (B, T, H, D) at positions offset .. offset + T − 1 (offset: one for all, or (B,) per
-        sequence) -> rotated x (B, T, H, D)."""
-        steps = torch.arange(x.shape[1], device=x.device)
-        positions = (torch.as_tensor(offset, device=x.device).reshape(-1, 1) + steps).float()  # (B|1, T)
+        sequence), or at explicit `positions` (T,) or (B, T) -> rotated x (B, T, H, D)."""
+        if positions is None:
+            steps = torch.arange(x.shape[1], device=x.device)
+            positions = torch.as_tensor(offset, device=x.device).reshape(-1, 1) + steps
+        positions = positions.reshape(-1, x.shape[1]).float()  # (B|1, T)
         angles = (positions[..., None] * self.inv_freq)[:, :, None, :]  # (B|1, T, 1, R/2)
         cos, sin = angles.cos(), angles.sin()
         half = self.rotated // 2

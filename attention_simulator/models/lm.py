@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..attention import AttentionConfig, KVCache, sincos_1d
+from ..attention import AttentionConfig, KVCache, ring, sincos_1d
 from ..attention.masks import Padding
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
@@ -34,6 +34,7 @@ class DecoderLM(nn.Module):
         layer_scale: float | None = None,
         drop_path: float = 0.0,
         attention: AttentionConfig = AttentionConfig(),
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if pos_embed not in ("none", "learned", "sincos"):
@@ -49,7 +50,7 @@ class DecoderLM(nn.Module):
             self.register_buffer("pos_embed", table, persistent=False)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, causal=True, norm=norm,
-                             norm_type=norm_type)
+                             norm_type=norm_type, checkpointing=activation_checkpointing)
             for rate in drop_path_rates(drop_path, depth)
         )  # fmt: skip
         self.norm = make_norm(norm_type, dim, "model.norm_type")
@@ -81,11 +82,16 @@ class DecoderLM(nn.Module):
                 lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """`lengths` (B,): right-padded rows (prompts of different lengths); with a `cache`, each
         sequence continues at its own position."""
-        offset = 0 if cache is None else cache[0].lengths[:, None].long()  # (B, 1)
-        positions = offset + torch.arange(tokens.shape[1], device=tokens.device)  # (B|1, T)
+        cp = ring.current()  # context parallel: tokens are this rank's zig-zag share of longer sequences
+        if cp is None:
+            offset = 0 if cache is None else cache[0].lengths[:, None].long()  # (B, 1)
+            positions = offset + torch.arange(tokens.shape[1], device=tokens.device)  # (B|1, T)
+            end = tokens.shape[1] if cache is None else cache[0].filled + tokens.shape[1]
+        else:
+            positions = cp.positions(tokens.shape[1], tokens.device)  # (T,) global positions
+            end = tokens.shape[1] * cp.size
         x = self.token_embedding(tokens)  # (B, T, D)
         if self.pos_embed is not None:
-            end = tokens.shape[1] if cache is None else cache[0].filled + tokens.shape[1]
             if end > self.max_seq_len:
                 raise ValueError(f"{end} tokens exceed model.max_seq_len={self.max_seq_len} (absolute positions).")
             x = x + self.pos_embed[0, positions]
