@@ -23,6 +23,7 @@ from .diagnostics import Diagnostics
 from .distributed import World, from_main, join, launched_rank, leave
 from .errors import ConfigError
 from .logs import to_log_files
+from .parallel import Parallel, check_context_parallel
 from .rundir import RunLock, save_configs, snapshot, undo_start
 from .tracking import Tracker
 from .trainer import Trainer
@@ -73,7 +74,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     (one per process under torchrun: only rank 0's writes files)."""
     validate(cfg)
     trainer_cfg = build(cfg.trainer)
+    check_context_parallel(trainer_cfg.context_parallel, cfg, build(cfg.attention), trainer_cfg.compile)
     world, trainer_cfg.device = join(trainer_cfg.device)
+    parallel = Parallel.setup(world, trainer_cfg.device, trainer_cfg.parallel, trainer_cfg.context_parallel)
     run_dir = shared_run_dir(run_dir, world)
     seed_everything(trainer_cfg.seed)
     data, task = build(cfg.data), build(cfg.task)
@@ -90,7 +93,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     diagnostics = Diagnostics(build(cfg.diagnostics), model)
     trainer = Trainer(
         trainer_cfg, task=task, model=model, optimizer=optimizer, data=data, tracker=Tracker({}), run_dir=run_dir,
-        learning_rate=learning_rate, diagnostics=diagnostics, world=world,
+        learning_rate=learning_rate, diagnostics=diagnostics, parallel=parallel,
     )  # fmt: skip
     trainer.restore()  # the last start-up check: W&B and the parquet file only start after it
     if world.is_main:

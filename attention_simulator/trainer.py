@@ -17,8 +17,9 @@ import optorch
 from . import checkpoint as ckpt
 from .data.loader import seed_for
 from .diagnostics import Diagnostics, DiagnosticsConfig
-from .distributed import World, gather_objects, reduce_metrics, sum_across
+from .distributed import gather_objects, reduce_metrics, sum_across
 from .errors import CheckpointError, ConfigError
+from .parallel import Parallel, even_batches
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class TrainerConfig:
     resume: str | None = None  # null | auto | PATH (a checkpoint file or a run directory)
     progress: bool = True
     compile: bool = False  # torch.compile the model for training steps
+    parallel: str = "ddp"  # ddp | fsdp: how the model is replicated over torchrun's processes
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered parameters after its forward
+    context_parallel: int = 1  # processes that split each sequence (ring attention); must divide the world
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -52,6 +56,10 @@ class TrainerConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 = only at the end).")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"trainer.parallel={self.parallel!r}: use ddp or fsdp.")
+        if self.context_parallel < 1:
+            raise ConfigError(f"trainer.context_parallel={self.context_parallel} must be >= 1 (1 = off).")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"trainer.grad_clip={self.grad_clip} must be > 0, or null to turn clipping off.")
         if self.device == "auto":
@@ -71,23 +79,25 @@ def _to(batch, device):
 class Trainer:
     def __init__(
         self, config: TrainerConfig, *, task, model, optimizer, data, tracker, run_dir, learning_rate=None,
-        diagnostics: Diagnostics | None = None, world: World = World(),
+        diagnostics: Diagnostics | None = None, parallel: Parallel | None = None,
     ):  # fmt: skip
-        self.cfg, self.task, self.data, self.tracker, self.world = config, task, data, tracker, world
+        self.cfg, self.task, self.data, self.tracker = config, task, data, tracker
+        self.parallel = parallel = parallel or Parallel()
+        self.world = parallel.world
         self.diagnostics = diagnostics or Diagnostics(DiagnosticsConfig(every_n_steps=0), model)
         self.run_dir = Path(run_dir)
         self.device = torch.device(config.device)
-        self.model = model.to(self.device)
-        # what training steps call: DDP all-reduces gradients in backward; compiled if asked
-        self.ddp = None
-        if world.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.train_model = self.model if self.ddp is None else self.ddp
-        if world.rank:
+        self.model = model
+        # what training steps call: DDP all-reduces gradients in backward, FSDP reduce-scatters
+        # them (and shards the model in place); compiled if asked
+        param_dtype = PRECISIONS[config.precision] if parallel.sharded else None
+        self.train_model = parallel.wrap(self.model, self.device, param_dtype, config.reshard_after_forward)
+        self.ddp = self.train_model if isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel) else None
+        if parallel.dp_rank:
             # the weights are identical everywhere (same seed; DDP broadcasts rank 0's): from here
-            # on each process draws its own dropout and drop-path masks
-            torch.manual_seed(seed_for(config.seed, world.rank))
+            # on each data-parallel slice draws its own dropout and drop-path masks (the processes
+            # of one slice share them: a drop-path decision is per sequence, and they split one)
+            torch.manual_seed(seed_for(config.seed, parallel.dp_rank))
         if config.compile:
             self.train_model = torch.compile(self.train_model)
         self.params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
@@ -104,7 +114,8 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self):
-        loader = self.data.train_loader(self.cfg.seed, self.batches_consumed, self.world.rank, self.world.world_size)
+        loader = self.data.train_loader(self.cfg.seed, self.batches_consumed, self.parallel.dp_rank,
+                                        self.parallel.dp_size)  # fmt: skip
         batches = iter(loader)
         show = self.cfg.progress and self.world.is_main
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not show, dynamic_ncols=True)
@@ -149,12 +160,15 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         totals: dict[str, torch.Tensor] = {}
-        if self.scaler:  # activation-gradient probes report unscaled gradients
-            self.diagnostics.grad_unscale = self.loss_scale.scale.reciprocal()
+        # activation-gradient probes report gradients of the loss the optimizer minimises: the
+        # mean over processes of each one's loss (and unscaled from fp16's loss scale)
+        unscale = 1.0 / self.world.world_size
+        self.diagnostics.grad_unscale = self.loss_scale.scale.reciprocal() * unscale if self.scaler else unscale
         for micro in range(self.cfg.grad_accum):
             with self.no_sync(micro == self.cfg.grad_accum - 1):
-                with self.autocast():
-                    loss, metrics = self.task.training_step(self.train_model, _to(next(batches), self.device))
+                with self.autocast(), self.parallel.context():
+                    batch = self.parallel.split(_to(next(batches), self.device))
+                    loss, metrics = self.task.training_step(self.train_model, batch)
                 self.batches_consumed += 1
                 loss = loss / self.cfg.grad_accum
                 (self.scaler.scale(loss, self.loss_scale) if self.scaler else loss).backward()
@@ -216,23 +230,43 @@ class Trainer:
         """Every evaluation loader (e.g. one per context length) -> eval/<metric><suffix>."""
         self.model.eval()
         sums: dict[str, list] = {}  # eval/<metric><suffix> -> [total, count] over this process's batches
-        for suffix, loader in self.data.eval_loaders(self.world.rank, self.world.world_size).items():
+        loaders = self.data.eval_loaders(self.parallel.dp_rank, self.parallel.dp_size)
+        for suffix, loader in loaders.items():
+            batch = None
             for i, batch in enumerate(loader):
                 # activation statistics of the main evaluation's first batch, recorded while evaluating
-                with self.autocast(), self.diagnostics.recording(i == 0 and not suffix, eval=True):
-                    for k, (total, count) in self.task.eval_step(self.model, _to(batch, self.device)).items():
+                with self.diagnostics.recording(i == 0 and not suffix, eval=True):
+                    for k, (total, count) in self.eval_step(batch).items():
                         acc = sums.setdefault(f"eval/{k}{suffix}", [0.0, 0])
                         acc[0], acc[1] = acc[0] + total, acc[1] + count
+            if self.parallel.sharded:  # every forward gathers parameters from all processes: as many here
+                for _ in range(even_batches(len(loader), self.device) - len(loader)):
+                    self.eval_step(batch)  # uncounted
         # totals and counts summed over processes before dividing: exact means over the whole split
         pairs = [torch.as_tensor(v, device=self.device, dtype=torch.float64) for pair in sums.values() for v in pair]
         pairs = sum_across(torch.stack(pairs)).view(-1, 2)
         results = dict(zip(sums, (pairs[:, 0] / pairs[:, 1]).tolist())) | self._to_host(self.diagnostics.pop())
         results |= self.task.derived(results)
-        samples = self.task.samples(self.model, self.data) if self.world.is_main else {}
+        samples = self.samples()
         self.tracker.log(self.step, results | samples)
         self.model.train()
         self.tracker.flush()
         return results
+
+    def eval_step(self, batch) -> dict:
+        with self.autocast(), self.parallel.context():
+            return self.task.eval_step(self.model, self.parallel.split(_to(batch, self.device)))
+
+    def samples(self) -> dict[str, str]:
+        """The task's samples (e.g. text continuations), logged by rank 0. Sharded, every
+        process decodes with it (each forward is collective), from the same random stream so that
+        all stop at the same token."""
+        if not self.parallel.sharded:
+            return self.task.samples(self.model, self.data) if self.world.is_main else {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed_for(self.cfg.seed, self.step))
+            samples = self.task.samples(self.model, self.data)
+        return samples if self.world.is_main else {}
 
     # ---- checkpoint / resume ---------------------------------------------------------------------
 
@@ -257,12 +291,14 @@ class Trainer:
 
     def save_checkpoint(self):
         state = self.state_dict()  # on every process: it gathers their random states
-        if not self.world.is_main:
-            return
         directory = self.run_dir / "checkpoints"
-        ckpt.save_checkpoint(ckpt.checkpoint_path(directory, self.step), state)
-        ckpt.prune(directory, self.cfg.keep_checkpoints)
-        self.tracker.flush()
+        if self.parallel.sharded:  # every process writes its own shards
+            ckpt.save_sharded(ckpt.checkpoint_path(directory, self.step, sharded=True), state)
+        elif self.world.is_main:
+            ckpt.save_checkpoint(ckpt.checkpoint_path(directory, self.step), state)
+        if self.world.is_main:
+            ckpt.prune(directory, self.cfg.keep_checkpoints)
+            self.tracker.flush()
 
     def restore(self):
         """Resume from trainer.resume, or refuse to start over a run that has checkpoints."""
@@ -277,7 +313,11 @@ class Trainer:
             if self.cfg.resume:
                 log.info(f"trainer.resume=auto: no checkpoint in {str(directory)!r} yet; starting at step 0")
             return
-        state = ckpt.load_checkpoint(path)
+        if self.parallel.sharded:  # each process reads its shards, from a checkpoint of any process count
+            template = {"model": self.model.state_dict(), "optimizer": optorch.state_dict(self.opt_state)}
+            state = ckpt.load_into(path, template)
+        else:
+            state = ckpt.load_checkpoint(path)  # a sharded one is read whole
         self.load_state_dict(state)
         log.info(f"resumed from {path} at step {self.step}")
 
@@ -298,7 +338,8 @@ class Trainer:
         if saved_world != self.world.world_size and self.world.is_main:
             log.warning(
                 f"resuming a {saved_world}-process run in {self.world.world_size}: the data continues at global batch "
-                f"{self.batches_consumed}; it is the same data only if data.batch_size × processes is unchanged."
+                f"{self.batches_consumed}; it is the same data only if data.batch_size × data-parallel processes is "
+                "unchanged."
             )
         saved = state["rng"]
         if self.world.rank < len(saved):

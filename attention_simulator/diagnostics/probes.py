@@ -8,6 +8,7 @@ recording never waits for the device; the recorder moves everything to the host 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,21 @@ from torch import nn
 
 if TYPE_CHECKING:  # attention imports the probes: only the type is needed here
     from ..attention.masks import Padding
+
+
+_recomputing = 0  # > 0 while activation checkpointing recomputes a forward during backward
+
+
+@contextmanager
+def recomputing():
+    """Probes are off inside: a recomputed forward is not a new observation. (A module flag,
+    not a context variable: autograd may recompute on its own device thread.)"""
+    global _recomputing
+    _recomputing += 1
+    try:
+        yield
+    finally:
+        _recomputing -= 1
 
 
 def _valid_rows(padding: Padding | None) -> torch.Tensor | None:
@@ -79,7 +95,7 @@ class Probe(nn.Module):
 
     @property
     def active(self) -> bool:
-        return self.recorder is not None and self.recorder.active
+        return self.recorder is not None and self.recorder.active and not _recomputing
 
     def forward(self, x: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
         if not self.active:

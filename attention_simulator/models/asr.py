@@ -82,6 +82,7 @@ class SpeechRecognizer(nn.Module):
         drop_path: float = 0.0,
         dropout: float = 0.1,
         attention: AttentionConfig = AttentionConfig(),
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if pos_embed not in ("none", "sincos"):
@@ -91,9 +92,10 @@ class SpeechRecognizer(nn.Module):
         self.register_buffer("pos_embed", table, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type)
+            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type,
+                             checkpointing=activation_checkpointing)
             for rate in drop_path_rates(drop_path, depth)
-        )
+        )  # fmt: skip
         convs = (ConformerConvolution(dim, conv_kernel) for _ in range(depth))
         self.convs = nn.ModuleList(convs) if conv_kernel else None
         self.norm = make_norm(norm_type, dim, "model.norm_type")

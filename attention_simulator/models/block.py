@@ -3,13 +3,16 @@ post- or hybrid-norm, optional LayerScale and stochastic depth (each `nn.Identit
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..attention import Attention, AttentionConfig
+from ..attention import Attention, AttentionConfig, ring
 from ..attention.masks import Padding
 from ..attention.norms import make_norm
-from ..diagnostics.probes import Probe
+from ..diagnostics.probes import Probe, recomputing
 from ..errors import ConfigError
 
 
@@ -65,7 +68,8 @@ class TransformerBlock(nn.Module):
 
     pre-norm: `norm` only; post-norm (the original Transformer): `rnorm` only; hybrid-norm:
     `norm` and `post` (y = x + postnorm(f(prenorm(x)))). The others are nn.Identity.
-    (B, T, C) -> (B, T, C)."""
+    With `checkpointing`, training keeps only the block's input and recomputes the rest in
+    backward (activation checkpointing). (B, T, C) -> (B, T, C)."""
 
     def __init__(
         self,
@@ -78,8 +82,10 @@ class TransformerBlock(nn.Module):
         causal: bool = False,
         norm: str = "pre",
         norm_type: str = "layernorm",
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = checkpointing
         if norm not in NORM_PLACEMENTS:
             raise ConfigError(f"model.norm={norm!r}: use one of {list(NORM_PLACEMENTS)}.")
 
@@ -95,10 +101,25 @@ class TransformerBlock(nn.Module):
         self.mlp_probe, self.resid_probe = Probe("mlp_out"), Probe("resid")
 
     def forward(self, x: torch.Tensor, padding: Padding | None = None, cache=None) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.branches, x, padding, cache, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), _recompute(ring.current())))  # fmt: skip
+        return self.branches(x, padding, cache)
+
+    def branches(self, x: torch.Tensor, padding: Padding | None = None, cache=None) -> torch.Tensor:
         h = self.post_norm1(self.attn(self.norm1(x), padding=padding, cache=cache))  # (B, T, C)
         x = self.residual_norm1(x + self.drop_path1(self.ls1(h)))
         h = self.post_norm2(self.mlp_probe(self.mlp(self.norm2(x)), padding))  # (B, T, C)
         return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), padding)
+
+
+@contextlib.contextmanager
+def _recompute(cp: ring.ContextParallel | None):
+    """How activation checkpointing repeats a block's forward in backward: as it ran (split over
+    the context-parallel group if it was, though backward runs outside the trainer's context),
+    with probes off (a recomputation is not a new observation)."""
+    with recomputing(), ring.sharded(cp):
+        yield
 
 
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:

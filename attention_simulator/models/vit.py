@@ -34,6 +34,7 @@ class VisionTransformer(nn.Module):
         norm: str = "pre",
         norm_type: str = "layernorm",
         attention: AttentionConfig = AttentionConfig(),
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if img_size % patch_size:
@@ -52,9 +53,10 @@ class VisionTransformer(nn.Module):
             table = sincos_2d(grid, dim)[None] if pos_embed == "sincos" else torch.zeros(1, grid * grid, dim)
             self.register_buffer("pos_embed", table, persistent=False)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type)
+            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type,
+                             checkpointing=activation_checkpointing)
             for rate in drop_path_rates(drop_path, depth)
-        )
+        )  # fmt: skip
         self.norm = make_norm(norm_type, dim, "model.norm_type")
         self.head = nn.Linear(dim, num_classes)
         self.logits_probe = Probe("logits")

@@ -72,9 +72,10 @@ def test_hub_datasets_offline_say_what_to_do(data, no_hub):
 
 
 IN_README = {"vit_sigmoid", "vit_softmax", "lm_sigmoid", "asr_sigmoid"}  # run by tests/e2e/test_readme.py
+UNDER_TORCHRUN = {"lm_sigmoid_long"}  # run by tests/e2e/test_parallel.py
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in IN_README])
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in IN_README | UNDER_TORCHRUN])
 def test_experiment_smoke_runs(experiment, tmp_path):
     small_eval = ["data.eval_max_tokens=8192"] if experiment.startswith("lm") else []
     final = train(tmp_path, f"+experiment={experiment}", "trainer.max_steps=3", "data.batch_size=32", *small_eval)

@@ -20,6 +20,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 TRAIN = [sys.executable, "-m", "attention_simulator.train"]
 GENERATE = [sys.executable, "-m", "attention_simulator.generate"]
 VIT = [*TRAIN, "+experiment=vit_sigmoid"]
+LM = [*TRAIN, "+experiment=lm_sigmoid"]
 
 # id: (command, fragments the message must contain); {run}, {corrupt}, {locked}, {ckpt} are filled in
 CASES = {
@@ -42,6 +43,18 @@ CASES = {
     "negative clipping": ([*VIT, "trainer.grad_clip=-1"], ["trainer.grad_clip=-1", "null"]),
     "unknown precision": ([*VIT, "trainer.precision=fp8"], ["trainer.precision='fp8'", "fp32"]),
     "cuda without a GPU": ([*VIT, "trainer.device=cuda"], ["trainer.device=cuda", "cpu"]),
+    "unknown parallelism": ([*VIT, "trainer.parallel=zero3"], ["trainer.parallel='zero3'", "ddp or fsdp"]),
+    "fsdp without torchrun": ([*VIT, "trainer.parallel=fsdp"], ["trainer.parallel=fsdp", "torchrun", "ddp"]),
+    "context parallel on images": ([*VIT, "trainer.context_parallel=2"], ["trainer.context_parallel=2", "lm_"]),
+    "context parallel uneven length": ([*LM, "trainer.context_parallel=3"], ["context_parallel=3", "multiples of 6"]),
+    "context parallel with a window": (
+        [*LM, "trainer.context_parallel=2", "attention.window=16"],
+        ["trainer.context_parallel", "attention.window"],
+    ),  # fmt: skip
+    "context parallel over one process": (
+        [*LM, "trainer.context_parallel=2"],
+        ["trainer.context_parallel=2", "divide the number of processes (1)"],
+    ),  # fmt: skip
     "dataset offline": ([*VIT, "data=cifar10"], ["cifar10", "data.path"]),
     "missing data path": ([*TRAIN, "+experiment=lm_sigmoid", "data.path=/no/such/dir"], ["/no/such/dir", "exist"]),
     "missing checkpoint": ([*VIT, "trainer.resume=/no/such/step_0000001.pt"], ["/no/such/step_0000001.pt", "exist"]),

@@ -2,12 +2,16 @@
 
 The Triton kernels against the brute-force reference on the device, flash-attn's backend when
 installed, the trainer in bf16 and fp16 with CUDA random states resumed exactly, padded
-training steps that never synchronise, NCCL with two GPUs, and offsets past 2³¹ elements.
+training steps that never synchronise, NCCL with two GPUs (DDP, FSDP2 with context parallelism
+and the Triton kernel per ring block), optorch on sharded parameters, and offsets past 2³¹
+elements.
 """
 
+import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -162,3 +166,62 @@ def test_nccl_two_gpus_match_one(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     frames = [pd.read_parquet(tmp_path / d / "metrics.parquet")[["train/loss", "eval/loss"]] for d in ("two", "one")]
     pd.testing.assert_frame_equal(*frames, rtol=1e-4)
+
+
+def test_sharded_optimizer_updates_on_the_device(tmp_path):
+    """optorch on FSDP2 shards on CUDA (a one-process NCCL group): AdamW with clipping equals the
+    unsharded model's, where Adam's division runs out of place and is copied into each shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import optorch
+
+    dist = torch.distributed
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3)).cuda()
+        sharded = fully_shard(copy.deepcopy(plain), mesh=init_device_mesh("cuda", (1,)))
+        opt = optorch.chain(optorch.clip_by_global_norm(0.1), optorch.adamw(1e-2, weight_decay=0.1))
+        runs = [(m, dict(m.named_parameters())) for m in (plain, sharded)]
+        states = [opt.init(params) for _, params in runs]
+        x = torch.randn(32, 8, device="cuda")
+        for _ in range(5):
+            for i, (model, params) in enumerate(runs):
+                model(x).square().mean().backward()
+                updates, states[i] = opt.update({k: p.grad for k, p in params.items()}, states[i], params)
+                optorch.apply_updates(params, updates)
+                model.zero_grad(set_to_none=True)
+        for name, p in runs[0][1].items():
+            torch.testing.assert_close(runs[1][1][name].full_tensor(), p, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_and_context_parallel_on_two_gpus_match_one(tmp_path):
+    """lm_sigmoid_long scaled down: NCCL, FSDP2, ring attention with the Triton kernel per block."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    run = ["+experiment=lm_sigmoid_long", "data=pydoc", "model=lm_tiny", "data.seq_len=256", "data.eval_seq_lens=[256]",
+           "data.eval_max_tokens=16384", "data.batch_size=8", "trainer.max_steps=4", "trainer.log_every=1",
+           "trainer.eval_every=0", "logger.wandb=false", "task.sample_prompts=[]", *CUDA]  # fmt: skip
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "attention_simulator.train", *run, "trainer.context_parallel=2",
+           f"hydra.run.dir={tmp_path / 'two'}"]  # fmt: skip
+    one = [sys.executable, "-m", "attention_simulator.train", *run, "trainer.parallel=ddp",
+           "trainer.context_parallel=1", f"hydra.run.dir={tmp_path / 'one'}"]  # fmt: skip
+    for command in (two, one):
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "two" / "checkpoints" / "step_0000004.dcp" / ".metadata").is_file()
+    frames = [pd.read_parquet(tmp_path / d / "metrics.parquet")[["train/loss", "eval/loss"]] for d in ("two", "one")]
+    pd.testing.assert_frame_equal(*frames, rtol=2e-2)  # bf16: the same run, rounded differently
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_memory_benchmark_on_two_gpus():
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_memory.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "lm_tiny", "--seq-len", "1024"],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peak allocated (CUDA)" in result.stdout

@@ -1,0 +1,96 @@
+"""FSDP2, sharded (DCP) checkpoints and context parallelism under torchrun on CPU (gloo): each
+reproduces one process training on the same global batch."""
+
+import pandas as pd
+
+from attention_simulator.checkpoint import list_checkpoints
+
+from .test_distributed import torchrun
+from .test_train_command import run_train
+
+LM = ["+experiment=lm_sigmoid", "data.seq_len=64", "data.eval_seq_lens=[64]", "data.eval_max_tokens=4096",
+      "trainer.log_every=1", "trainer.eval_every=0", "trainer.progress=false", "logger.wandb=false",
+      "task.sample_prompts=[]"]  # fmt: skip
+# every statistic, every step: parameter, gradient, update and optimizer-state norms must be the full parameters'
+FULL = ["diagnostics=full", "diagnostics.every_n_steps=1"]
+
+
+def table(run_dir, prefixes=()):
+    frame = pd.read_parquet(run_dir / "metrics.parquet").set_index("step")
+    columns = ["train/loss", "train/grad_norm", "train/grad_norm_clipped", "eval/loss", "eval/bits_per_byte"]
+    # (not eval_*: the first evaluation batch each process records differs with the process count)
+    columns += [c for c in frame.columns if c.startswith(prefixes) and "/eval_" not in c]
+    return frame[columns]
+
+
+def assert_same_training(run_dir, reference_dir, prefixes):
+    """Losses, global gradient norms and evaluation to 1e-5; per-parameter and optimizer-state
+    norms and per-layer statistics (each a small sum, taken in another order) to 1e-4."""
+    pd.testing.assert_frame_equal(table(run_dir), table(reference_dir), rtol=1e-5)
+    detail = table(run_dir, prefixes)
+    reference = table(reference_dir, prefixes)
+    assert sorted(detail.columns) == sorted(reference.columns) and len(detail.columns) > 5 + 20
+    pd.testing.assert_frame_equal(detail, reference[detail.columns], rtol=1e-4)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_fsdp_with_accumulation_matches_ddp_and_one_process(tmp_path):
+    """fsdp × 2 processes × 2 micro-batches of 4 = ddp × 2 × 8 = 1 process × 16: the same 16
+    sequences per step, so the same losses, gradient norms, parameter and optimizer-state norms
+    (and, without accumulation, whose statistics describe the last micro-batch, the same
+    activation statistics)."""
+    common = [*LM, *FULL, "trainer.max_steps=10"]
+    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=4", "trainer.grad_accum=2",
+                f"hydra.run.dir={tmp_path / 'fsdp'}", cwd=tmp_path))  # fmt: skip
+    ok(torchrun(*common, "data.batch_size=8", f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path))
+    ok(run_train(*common, "data.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path,
+                 env_extra={"OMP_NUM_THREADS": "1"}))  # fmt: skip
+    state = ("param/", "grad/", "update/", "opt/")
+    one = table(tmp_path / "one", (*state, "attn/"))
+    assert any(c.startswith("opt/exp_avg_sq/") for c in one) and any(c.startswith("attn/") for c in one)
+    assert len(one.dropna(subset=["train/loss"])) == 10
+    assert_same_training(tmp_path / "ddp", tmp_path / "one", (*state, "attn/"))
+    assert_same_training(tmp_path / "fsdp", tmp_path / "one", state)
+
+    # each process wrote its shards of one sharded checkpoint; the model's full size is in it
+    (checkpoint,) = list_checkpoints(tmp_path / "fsdp" / "checkpoints")
+    assert checkpoint.name == "step_0000010.dcp" and (checkpoint / ".metadata").is_file()
+    assert len(list(checkpoint.glob("*.distcp"))) == 2
+
+
+def test_sharded_checkpoint_resumes_at_one_and_two_processes(tmp_path):
+    """fsdp × 2 for 3 steps, then 1 process for 2 (from the sharded checkpoint, writing a
+    single-file one), then fsdp × 2 again: the same run as 7 uninterrupted steps."""
+    common = [*LM, "trainer.max_steps=7"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=8", f"hydra.run.dir={straight}", cwd=tmp_path))
+    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=8", "trainer.run_steps=3",
+                f"hydra.run.dir={split}", cwd=tmp_path))  # fmt: skip
+    result = ok(run_train(*common, "data.batch_size=16", "trainer.run_steps=2", "trainer.resume=auto",
+                          f"hydra.run.dir={split}", cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"}))  # fmt: skip
+    assert "at step 3" in result.stdout + result.stderr
+    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=8", "trainer.resume=auto",
+                f"hydra.run.dir={split}", cwd=tmp_path))  # fmt: skip
+    pd.testing.assert_frame_equal(table(split), table(straight), rtol=1e-5)
+    names = [p.name for p in list_checkpoints(split / "checkpoints")]
+    assert names == ["step_0000005.pt", "step_0000007.dcp"]
+
+
+def test_long_context_preset_with_context_parallel_matches_one_process(tmp_path):
+    """lm_sigmoid_long scaled down to CPU: each of 2 processes holds half of every sequence (ring
+    attention with the FlashSigmoid kernel per block, RoPE at global positions, b = −log of the
+    whole length), sharded with fsdp, blocks recomputed in backward: the same training as one
+    process without any of it."""
+    common = ["+experiment=lm_sigmoid_long", "data=pydoc", "model=lm_tiny", *LM[1:], *FULL, "trainer.max_steps=5",
+              "data.batch_size=8", "trainer.precision=fp32", "trainer.checkpoint_every=0"]  # fmt: skip
+    two = ["trainer.context_parallel=2"]
+    ok(torchrun(*common, *two, f"hydra.run.dir={tmp_path / 'cp'}", cwd=tmp_path))
+    ok(run_train(*common, "trainer.parallel=ddp", "trainer.context_parallel=1", "model.activation_checkpointing=false",
+                 f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"}))  # fmt: skip
+    prefixes = ("param/", "grad/", "opt/", "attn/", "resid/")
+    assert any(c.startswith("attn/") and c.endswith("mass_mean") for c in table(tmp_path / "one", prefixes))
+    assert_same_training(tmp_path / "cp", tmp_path / "one", prefixes)
