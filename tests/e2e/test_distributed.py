@@ -1,5 +1,6 @@
 """torchrun + DDP on CPU (gloo): the same trajectory as one process, only rank 0 writes, and a
-2-process checkpoint resumes in 1 process; accumulation, dropout and bf16 across processes."""
+2-process checkpoint resumes in 1 process; dropout, accumulation and bf16 resumed exactly under
+FSDP2 (tests/e2e/test_parallel.py: accumulation across processes, the rest of FSDP2)."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attention_simulator.checkpoint import list_checkpoints
+from attention_simulator.checkpoint import list_checkpoints, load_checkpoint
 
 from .test_train_command import run_train
 
@@ -66,27 +67,19 @@ def test_ddp_matches_one_process_writes_once_and_resumes_in_one(tmp_path):
     pd.testing.assert_frame_equal(metrics(two).loc[7:], metrics(one).loc[7:], rtol=1e-5)
 
 
-def test_accumulation_across_processes_matches_one_process(tmp_path):
-    """2 processes × 2 micro-batches of 8 = 1 process × 4 micro-batches of 8: the same 32 images per step."""
-    common = [*RUN, "trainer.max_steps=4", "data.batch_size=8", "logger.wandb=false"]
-    result = torchrun(*common, "trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_train(*common, "trainer.grad_accum=4", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    pd.testing.assert_frame_equal(metrics(tmp_path / "two"), metrics(tmp_path / "one"), rtol=1e-5)
-
-
-def test_two_processes_with_dropout_accumulation_and_bf16_resume_exactly(tmp_path):
+def test_fsdp_with_dropout_accumulation_and_bf16_resumes_exactly(tmp_path):
     """Each process draws its own dropout and drop-path masks, and every process's random state is
-    in the checkpoint: a split 2-process run equals an uninterrupted one, bit for bit."""
+    in the checkpoint: a sharded bf16 run (FSDP2 on the ViT's blocks, bf16 parameters for compute)
+    split over two jobs equals an uninterrupted one, bit for bit."""
     common = [*RUN, "trainer.max_steps=4", "data.batch_size=8", "trainer.grad_accum=2", "trainer.precision=bf16",
-              "model.drop_path=0.2", "attention.attn_drop=0.1", "logger.wandb=false"]  # fmt: skip
+              "trainer.parallel=fsdp", "model.drop_path=0.2", "attention.attn_drop=0.1",
+              "logger.wandb=false"]  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
     for extra, run_dir in (([], straight), (["trainer.run_steps=2"], split), (["trainer.resume=auto"], split)):
         result = torchrun(*common, *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     pd.testing.assert_frame_equal(metrics(split), metrics(straight), rtol=0, atol=0)
-    a, b = (torch.load(list_checkpoints(d / "checkpoints")[-1], weights_only=True) for d in (straight, split))
+    a, b = (load_checkpoint(list_checkpoints(d / "checkpoints")[-1]) for d in (straight, split))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     rng = a["rng"]  # one state per process, and they differ: each replica drops different units
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])

@@ -2,6 +2,7 @@
 reproduces one process training on the same global batch."""
 
 import pandas as pd
+import pytest
 
 from attention_simulator.checkpoint import list_checkpoints
 
@@ -38,46 +39,48 @@ def ok(result):
     return result
 
 
-def test_fsdp_with_accumulation_matches_ddp_and_one_process(tmp_path):
-    """fsdp × 2 processes × 2 micro-batches of 4 = ddp × 2 × 8 = 1 process × 16: the same 16
-    sequences per step, so the same losses, gradient norms, parameter and optimizer-state norms
-    (and, without accumulation, whose statistics describe the last micro-batch, the same
-    activation statistics)."""
-    common = [*LM, *FULL, "trainer.max_steps=10"]
-    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=4", "trainer.grad_accum=2",
-                f"hydra.run.dir={tmp_path / 'fsdp'}", cwd=tmp_path))  # fmt: skip
-    ok(torchrun(*common, "data.batch_size=8", f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path))
-    ok(run_train(*common, "data.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path,
-                 env_extra={"OMP_NUM_THREADS": "1"}))  # fmt: skip
-    state = ("param/", "grad/", "update/", "opt/")
-    one = table(tmp_path / "one", (*state, "attn/"))
-    assert any(c.startswith("opt/exp_avg_sq/") for c in one) and any(c.startswith("attn/") for c in one)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+COMMON = [*LM, *FULL, "trainer.max_steps=10"]
+STATE = ("param/", "grad/", "update/", "opt/")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: 1 process, 16 sequences per step, 10 steps, every statistic at every step."""
+    run_dir = tmp_path_factory.mktemp("parallel") / "one"
+    ok(run_train(*COMMON, "data.batch_size=16", f"hydra.run.dir={run_dir}", cwd=run_dir.parent, env_extra=ONE_THREAD))
+    return run_dir
+
+
+def test_fsdp_and_ddp_with_accumulation_match_one_process(one_process, tmp_path):
+    """fsdp and ddp, each 2 processes × 2 micro-batches of 4 = 1 process × 16: the same 16
+    sequences per step, so the same losses, gradient norms, parameter and optimizer-state norms."""
+    for mode in ("fsdp", "ddp"):
+        ok(torchrun(*COMMON, f"trainer.parallel={mode}", "data.batch_size=4", "trainer.grad_accum=2",
+                    f"hydra.run.dir={tmp_path / mode}", cwd=tmp_path))  # fmt: skip
+    one = table(one_process, STATE)
+    assert any(c.startswith("opt/exp_avg_sq/") for c in one) and any(c.startswith("update/") for c in one)
     assert len(one.dropna(subset=["train/loss"])) == 10
-    assert_same_training(tmp_path / "ddp", tmp_path / "one", (*state, "attn/"))
-    assert_same_training(tmp_path / "fsdp", tmp_path / "one", state)
-
-    # each process wrote its shards of one sharded checkpoint; the model's full size is in it
-    (checkpoint,) = list_checkpoints(tmp_path / "fsdp" / "checkpoints")
-    assert checkpoint.name == "step_0000010.dcp" and (checkpoint / ".metadata").is_file()
-    assert len(list(checkpoint.glob("*.distcp"))) == 2
+    for mode in ("fsdp", "ddp"):
+        assert_same_training(tmp_path / mode, one_process, STATE)
 
 
-def test_sharded_checkpoint_resumes_at_one_and_two_processes(tmp_path):
-    """fsdp × 2 for 3 steps, then 1 process for 2 (from the sharded checkpoint, writing a
-    single-file one), then fsdp × 2 again: the same run as 7 uninterrupted steps."""
-    common = [*LM, "trainer.max_steps=7"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=8", f"hydra.run.dir={straight}", cwd=tmp_path))
-    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=8", "trainer.run_steps=3",
+def test_sharded_checkpoint_resumes_at_one_and_two_processes(one_process, tmp_path):
+    """fsdp × 2 for 3 steps, then 1 process for 3 (from the sharded checkpoint, writing a
+    single-file one), then fsdp × 2 again from that file: the same run as 10 uninterrupted steps
+    in one process (16 sequences per step throughout: the data position counts global batches)."""
+    split = tmp_path / "split"
+    ok(torchrun(*COMMON, "trainer.parallel=fsdp", "data.batch_size=8", "trainer.run_steps=3",
                 f"hydra.run.dir={split}", cwd=tmp_path))  # fmt: skip
-    result = ok(run_train(*common, "data.batch_size=16", "trainer.run_steps=2", "trainer.resume=auto",
-                          f"hydra.run.dir={split}", cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"}))  # fmt: skip
+    result = ok(run_train(*COMMON, "data.batch_size=16", "trainer.run_steps=3", "trainer.resume=auto",
+                          f"hydra.run.dir={split}", cwd=tmp_path, env_extra=ONE_THREAD))  # fmt: skip
     assert "at step 3" in result.stdout + result.stderr
-    ok(torchrun(*common, "trainer.parallel=fsdp", "data.batch_size=8", "trainer.resume=auto",
+    ok(torchrun(*COMMON, "trainer.parallel=fsdp", "data.batch_size=8", "trainer.resume=auto",
                 f"hydra.run.dir={split}", cwd=tmp_path))  # fmt: skip
-    pd.testing.assert_frame_equal(table(split), table(straight), rtol=1e-5)
-    names = [p.name for p in list_checkpoints(split / "checkpoints")]
-    assert names == ["step_0000005.pt", "step_0000007.dcp"]
+    assert_same_training(split, one_process, (*STATE, "attn/"))
+    assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_0000006.pt", "step_0000010.dcp"]
+    # each process wrote its shards of the sharded checkpoint
+    assert len(list((split / "checkpoints" / "step_0000010.dcp").glob("*.distcp"))) == 2
 
 
 def test_long_context_preset_with_context_parallel_matches_one_process(tmp_path):
@@ -90,7 +93,7 @@ def test_long_context_preset_with_context_parallel_matches_one_process(tmp_path)
     two = ["trainer.context_parallel=2"]
     ok(torchrun(*common, *two, f"hydra.run.dir={tmp_path / 'cp'}", cwd=tmp_path))
     ok(run_train(*common, "trainer.parallel=ddp", "trainer.context_parallel=1", "model.activation_checkpointing=false",
-                 f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"}))  # fmt: skip
+                 f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env_extra=ONE_THREAD))  # fmt: skip
     prefixes = ("param/", "grad/", "opt/", "attn/", "resid/")
     assert any(c.startswith("attn/") and c.endswith("mass_mean") for c in table(tmp_path / "one", prefixes))
     assert_same_training(tmp_path / "cp", tmp_path / "one", prefixes)
