@@ -125,13 +125,14 @@ class KVCache:
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new (B, t, Hk, D) keys and values at each sequence's end; return the first
         `filled` rows (B, Tk, Hk, D) for attention (rows past a sequence's length are padding)."""
-        self._check(k.shape[1])
+        self.check_room(k.shape[1])
         pos = self.lengths[:, None].long() + torch.arange(k.shape[1], device=k.device)  # (B, t)
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.k[rows, pos], self.v[rows, pos] = k, v
         return self.k[:, : self.filled + k.shape[1]], self.v[:, : self.filled + k.shape[1]]
 
-    def _check(self, new: int):
+    def check_room(self, new: int):
+        """Raise unless `new` more tokens fit behind the longest sequence."""
         if self.filled + new > self.k.shape[1]:
             raise ValueError(f"KV cache holds {self.k.shape[1]} tokens; {self.filled + new} requested. "
                              "Allocate a longer cache.")  # fmt: skip
@@ -278,7 +279,7 @@ class Attention(nn.Module):
         if cache is not None:
             new = tq if padding is None else padding.lengths
             if fused_cache:  # flash_attn_with_kvcache writes the new keys and reads the cache in place
-                cache._check(tq)
+                cache.check_room(tq)
             else:
                 k, v = cache.write(k, v)  # (B, filled + Tq, Hk, D)
                 k_padding = Padding.of(cache.lengths + new, k.shape[1])
