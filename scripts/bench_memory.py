@@ -31,6 +31,7 @@ from hydra import compose, initialize_config_dir
 
 import optorch
 from attention_simulator.attention import Attention
+from attention_simulator.checkpoint_sharded import flatten
 from attention_simulator.config import CONFIG_DIR
 from attention_simulator.distributed import World
 from attention_simulator.parallel import Parallel
@@ -66,7 +67,8 @@ def model_state(parallel: Parallel, device, args) -> dict:
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
     grads = {k: p.grad for k, p in params.items()}
     held = local_bytes(params.values()) + local_bytes(grads.values())
-    held += local_bytes(t for t in _tensors(optorch.state_dict(state)) if t.is_floating_point())
+    _, buffers = flatten(optorch.state_dict(state))
+    held += local_bytes(t for t in buffers.values() if t.is_floating_point())
     updates, state = optimizer.update(grads, state, params)
     optorch.apply_updates(params, updates)
     return {"held": held, "peak": peak_bytes(device)}
@@ -99,17 +101,6 @@ def activations(parallel: Parallel, device, args) -> dict:
             loss = model(tokens).float().sum()
         loss.backward()
     return {where: sum(sizes.values()) for where, sizes in saved.items()}
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
 
 
 def peak_bytes(device) -> int:
