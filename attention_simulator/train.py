@@ -81,9 +81,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     seed_everything(trainer_cfg.seed)
     data, task = build(cfg.data), build(cfg.task)
     if task.data_kind != data.kind:
+        masked = "Text data gives masked-modelling batches with data.masking set (e.g. 0.15), next-token ones with "
         raise ConfigError(
             f"task {cfg.task._target_} trains on {task.data_kind} data, but data={data.name} is {data.kind} data. "
-            f"Choose a task and data of one kind (or start from an experiment: +experiment=vit_*|lm_*|asr_*)."
+            + (masked + "data.masking=null. " if "text" in (task.data_kind, data.kind) else "")
+            + "Choose a task and data of one kind (or start from an experiment: +experiment=vit_*|lm_*|mlm_*|asr_*)."
         )
     check_model_fits_data(cfg, data.model_args)
     if (note := unused_sigmoid_options(cfg)) and world.is_main:

@@ -108,6 +108,7 @@ class Trainer:
         self.scaler = optorch.amp.dynamic_loss_scale() if config.precision == "fp16" else None
         self.loss_scale = self.scaler.init(self.device) if self.scaler else None
         self.step, self.skipped_steps = 0, 0
+        self.grad_norm: torch.Tensor | None = None  # the last step's global gradient norm, when not clipping
         self.batches_consumed = 0  # the data position: micro-batches drawn so far
         self.pending: list[dict[str, torch.Tensor]] = []  # per-step metrics on device, until the next log
 
@@ -182,6 +183,8 @@ class Trainer:
         grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
         found_inf = self.scaler.unscale(grads, self.loss_scale) if self.scaler else None
         self.diagnostics.record_gradients(self.params, grads)  # unscaled, before the optimizer consumes them
+        if not self.cfg.grad_clip:  # clipping keeps the global norm; without it, it is measured here
+            self.grad_norm = torch.linalg.vector_norm(torch.stack(optorch.norms(list(grads.values()))))
         if self.scaler:
             self.loss_scale = self.scaler.update(self.loss_scale, found_inf)
             if found_inf.item():  # the one sync fp16 needs, as GradScaler's
@@ -201,6 +204,8 @@ class Trainer:
             norm = self.opt_state[0].global_norm  # before clipping, kept by optorch on device
             device_metrics["train/grad_norm"] = norm
             device_metrics["train/grad_norm_clipped"] = norm * torch.clamp(self.cfg.grad_clip / (norm + 1e-6), max=1.0)
+        elif self.grad_norm is not None:
+            device_metrics["train/grad_norm"] = self.grad_norm
         if self.scaler:
             device_metrics["train/loss_scale"] = self.loss_scale.scale
         device_metrics.update(self.diagnostics.pop())

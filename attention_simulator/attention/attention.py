@@ -15,7 +15,7 @@ from ..diagnostics.probes import AttentionProbe, Probe
 from ..errors import ConfigError
 from . import ring
 from .backends import BACKENDS, AttentionSpec, backends_supporting
-from .masks import Padding
+from .masks import Documents, Padding
 from .norms import make_norm
 from .positions import RotaryEmbedding, alibi_slopes
 
@@ -257,19 +257,26 @@ class Attention(nn.Module):
         return KVCache(batch, max_len, self.kv_heads, self.head_dim, device, dtype)
 
     def forward(self, x, padding: Padding | None = None, context=None, context_padding: Padding | None = None,
-                cache: KVCache | None = None):  # fmt: skip
+                cache: KVCache | None = None, documents: Documents | None = None):  # fmt: skip
         """With a `cache`, x holds the next tokens: queries attend to every cached key too (the
-        masks are bottom-right aligned, so this equals recomputing the whole prefix)."""
+        masks are bottom-right aligned, so this equals recomputing the whole prefix). With
+        `documents`, each document of a packed block attends only to itself, as its own sequence."""
         if self.cross != (context is not None):
             raise ValueError("this Attention was built for " + ("cross" if self.cross else "self") + "-attention.")
         cp = ring.current()  # context parallel: x is this rank's zig-zag share of longer sequences
         if cp is not None:
-            ring.check_layer(self.config, cross=self.cross, cache=cache)
+            ring.check_layer(self.config, cross=self.cross, cache=cache, documents=documents)
         q, k, v = self.project(x, context)  # (B, Tq, H, D), (B, Tk, Hk, D) x 2
+        q, k = self.q_norm(q), self.k_norm(k)
+        block_padding = padding  # what the output probes mask: positions of the (B, T) batch
+        if documents is not None:  # one padded row per document: (N, L, H, D)
+            if self.cross or cache is not None:
+                raise ValueError("documents are for self-attention without a KV cache.")
+            q, k, v = documents.group(q), documents.group(k), documents.group(v)
+            padding = documents.padding
         k_padding = context_padding if self.cross else padding
         lengths = None if padding is None else padding.lengths
         k_lengths = None if k_padding is None else k_padding.lengths
-        q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:  # each sequence continues at its own position
             offset = 0 if cache is None else cache.lengths
             positions = None if cp is None else cp.positions(q.shape[1], x.device)  # a shard's global positions
@@ -300,6 +307,8 @@ class Attention(nn.Module):
             kv_cache=cache if fused_cache else None,
         )
         if cp is None:
+            if spec.probe is not None:
+                spec.probe.record_logits(q, k, spec)
             out = self.backend(q, k, v, spec)  # (B, Tq, H, D)
         else:
             backend = self.config.backend
@@ -309,6 +318,8 @@ class Attention(nn.Module):
         if self.config.length_norm is not None:
             n = self.keys_per_row(tq, tk, lengths, k_lengths, x.device).clamp(min=1)  # (B|1, Tq)
             out = out * (n if self.config.length_norm == "n" else n.sqrt()).reciprocal()[..., None, None].to(out.dtype)
-        out = self.values_probe(out, padding)  # attention·V: (B, Tq, H, D)
-        out = self.out_probe(self.proj(rearrange(out, "b t h d -> b t (h d)")), padding)  # (B, Tq, C)
+        if documents is not None:
+            out = documents.ungroup(out, *x.shape[:2])  # (B, Tq, H, D)
+        out = self.values_probe(out, block_padding)  # attention·V: (B, Tq, H, D)
+        out = self.out_probe(self.proj(rearrange(out, "b t h d -> b t (h d)")), block_padding)  # (B, Tq, C)
         return self.proj_drop(out)

@@ -49,3 +49,49 @@ class Padding:
         out = torch.empty_like(packed).index_copy(0, self.order, packed)
         out = out.view(*self.real.shape, *packed.shape[1:])
         return torch.where(self._real(out), out, 0)
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Documents packed into (B, T) blocks, attended separately: no attention across a boundary.
+
+    Attention regroups a block batch into a right-padded batch of documents (N, L) -- one row
+    per document piece in a block -- runs any backend on it as an ordinary padded batch (so b =
+    −log n uses each document's own length, and RoPE restarts at each document), and scatters
+    the rows back. `index` (N, L) holds each document's flat positions in the B·T block batch;
+    padded slots hold B·T, a spare zero row. The loader computes it on the host, so regrouping
+    needs no host sync."""
+
+    index: torch.Tensor  # (N, L) int64
+    padding: Padding  # (N, L): each document's length
+
+    @classmethod
+    def of(cls, index: torch.Tensor, lengths: torch.Tensor) -> Documents:
+        return cls(index, Padding.of(lengths, index.shape[1]))
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, L, ...), zeros at padded slots."""
+        flat = x.flatten(0, 1)
+        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])  # the spare row, B·T
+        return flat[self.index]
+
+    def ungroup(self, y: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """(N, L, ...) -> (B, T, ...); positions in no document come back zero. Padded slots
+        land on the spare row, which is dropped (so neither they nor their gradient count)."""
+        flat = y.new_zeros(batch * length + 1, *y.shape[2:]).index_copy(0, self.index.flatten(), y.flatten(0, 1))
+        return flat[:-1].view(batch, length, *y.shape[2:])
+
+
+def document_index(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row document ids (B, T) -- ascending within a row, −1 where no document is (padding)
+    -> (`index` (N, L), `lengths` (N,)) for `Documents.of`: one row per (block, document)."""
+    batch, length = ids.shape
+    keys = torch.where(ids >= 0, torch.arange(batch)[:, None] * (length + 1) + ids, -1).flatten()  # (B·T,)
+    real = keys >= 0
+    positions = torch.arange(batch * length)[real]
+    _, lengths = torch.unique_consecutive(keys[real], return_counts=True)  # (N,)
+    starts = torch.cumsum(lengths, 0) - lengths
+    offsets = torch.arange(int(lengths.max()) if len(lengths) else 0)  # (L,)
+    inside = offsets[None, :] < lengths[:, None]  # (N, L)
+    gathered = positions[(starts[:, None] + offsets[None, :]).clamp(max=max(len(positions) - 1, 0))]
+    return torch.where(inside, gathered, batch * length), lengths

@@ -133,14 +133,17 @@ def check_supported(config: AttentionConfig) -> None:
         )
 
 
-def check_layer(config: AttentionConfig, *, cross: bool, cache: KVCache | None) -> None:
+def check_layer(config: AttentionConfig, *, cross: bool, cache: KVCache | None, documents=None) -> None:
     """What an `Attention` layer checks before running sharded: its options, and that it is
-    self-attention without a KV cache (cross-attention and decoding are not context-parallel)."""
+    self-attention without a KV cache or packed documents (cross-attention, decoding and
+    document masks are not context-parallel)."""
     check_supported(config)
     if cross:
         raise ValueError("cross-attention is not context-parallel: run it outside `ring.sharded`.")
     if cache is not None:
         raise ValueError("decoding with a KV cache is not context-parallel: run it outside `ring.sharded`.")
+    if documents is not None:
+        raise ValueError("packed documents (data.document_masks) are not context-parallel.")
 
 
 def _check_call(q, k, spec: AttentionSpec, bias) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DatasetUnavailableError
 from .loader import EpochBatchSampler, KeyedDataset, check_batch_sizes, eval_batches, make_loader
+from .masking import BertMasking, MaskedBlocks, with_documents
 from .sources import load_from_hub, local_root
 from .tokenizers import build_tokenizer
 
@@ -114,14 +115,23 @@ class PackedBlocks:
         return {"inputs": rows[:, :-1], "targets": targets, "target_bytes": self.token_bytes[targets]}
 
 
-def _whole_batch(rows, generators):
-    return rows
+class _Batches:
+    """The transform of next-token blocks: as they are, or with their document layout."""
+
+    def __init__(self, eos_id: int | None):
+        self.eos_id = eos_id  # None: documents attend across boundaries
+
+    def __call__(self, rows, generators):
+        if self.eos_id is None:
+            return rows
+        return with_documents(rows, rows["inputs"], torch.ones_like(rows["inputs"], dtype=torch.bool), self.eos_id)
 
 
 class TextData:
-    """Batches {"inputs": (B, L) int64, "targets": (B, L), "target_bytes": (B, L)} of packed text."""
-
-    kind = "text"
+    """Batches {"inputs": (B, L) int64, "targets": (B, L), "target_bytes": (B, L)} of packed text
+    for next-token prediction; with `masking`, masked-modelling batches (see `masking.py`):
+    {"inputs", "targets" (IGNORE where not predicted), "lengths"}. With `document_masks`, also
+    {"doc_index", "doc_lengths"}: the model's attention stays inside each document."""
 
     def __init__(
         self,
@@ -137,9 +147,14 @@ class TextData:
         eval_seq_lens: list[int] | None = None,
         eval_max_tokens: int = 2**20,
         num_workers: int = 0,
+        masking: float | None = None,
+        document_masks: bool = False,
     ):
         if seq_len < 1:
             raise ConfigError(f"data.seq_len={seq_len} must be >= 1.")
+        if masking is not None and not 0 < masking < 1:
+            raise ConfigError(f"data.masking={masking}: the fraction of tokens to predict, in (0, 1); null = off.")
+        self.masking, self.document_masks = masking, document_masks
         check_batch_sizes(batch_size, eval_batch_size)
         self.name, self.seq_len = name, seq_len
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -156,27 +171,41 @@ class TextData:
             )
 
     @property
+    def kind(self) -> str:
+        """What a task must train on: next-token text, or masked-modelling text."""
+        return "text" if self.masking is None else "masked_text"
+
+    @property
     def model_args(self) -> dict:
-        """What the model needs from the data: the vocabulary size."""
-        return {"vocab_size": self.tokenizer.vocab_size}
+        """What the model needs from the data: the vocabulary size (+ the mask token)."""
+        return {"vocab_size": self.tokenizer.vocab_size + (self.masking is not None)}
+
+    def _dataset(self, split: str, length: int, seed: int, max_blocks: int | None = None) -> KeyedDataset:
+        stream, eos = self.streams[split], self.tokenizer.eos_id
+        if self.masking is None:
+            blocks = PackedBlocks(stream, length, self.tokenizer.token_bytes, max_blocks)
+            return KeyedDataset(blocks, _Batches(eos if self.document_masks else None), seed)
+        vocab = self.tokenizer.vocab_size
+        masking = BertMasking(self.masking, vocab, eos, mask_id=vocab, documents=self.document_masks)
+        return KeyedDataset(MaskedBlocks(stream, length, pad_id=eos, max_blocks=max_blocks), masking, seed)
 
     def state_dict(self) -> dict:
         """Saved in checkpoints, so a run can be sampled from (attention_simulator.generate)."""
         return {"tokenizer": self.tokenizer.to_json()}
 
     def train_loader(self, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
-        blocks = PackedBlocks(self.streams["train"], self.seq_len, self.tokenizer.token_bytes)
-        sampler = EpochBatchSampler(len(blocks), self.batch_size, seed, start, rank, world_size)
-        return make_loader(KeyedDataset(blocks, _whole_batch, seed), sampler, self.num_workers)
+        dataset = self._dataset("train", self.seq_len, seed)
+        sampler = EpochBatchSampler(len(dataset), self.batch_size, seed, start, rank, world_size)
+        return make_loader(dataset, sampler, self.num_workers)
 
     def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
         """One loader per evaluation length; the training length's key is "" (eval/loss), the
         others "@LEN" (eval/loss@512). Each sees at most eval_max_tokens tokens."""
         loaders = {}
         for length in self.eval_seq_lens:
-            blocks = PackedBlocks(self.streams["validation"], length, self.tokenizer.token_bytes,
-                                  max_blocks=max(1, self.eval_max_tokens // length))  # fmt: skip
-            batches = eval_batches(len(blocks), max(1, self.eval_batch_size * self.seq_len // length), rank, world_size)
+            dataset = self._dataset("validation", length, 0, max_blocks=max(1, self.eval_max_tokens // length))
+            per_batch = max(1, self.eval_batch_size * self.seq_len // length)
+            batches = eval_batches(len(dataset), per_batch, rank, world_size)
             key = "" if length == self.seq_len else f"@{length}"
-            loaders[key] = make_loader(KeyedDataset(blocks, _whole_batch, 0), batches, self.num_workers)
+            loaders[key] = make_loader(dataset, batches, self.num_workers)
         return loaders

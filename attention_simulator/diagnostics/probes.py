@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # attention imports the probes: only the type is needed here
+if TYPE_CHECKING:  # attention imports the probes: only the types are needed here
+    from ..attention.backends import AttentionSpec
     from ..attention.masks import Padding
 
 
@@ -120,6 +121,22 @@ class AttentionProbe(Probe):
 
     def record_mass(self, mass: torch.Tensor, padding: Padding | None = None):
         self.recorder.record(self.key, attention_stats(mass, padding))
+
+    @torch.no_grad()
+    def record_logits(self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, rows: int = 256):
+        """`logit_max`: the largest attention logit q·kᵀ·scale over the pairs attended (no bias, no
+        ALiBi), whatever the backend. Its growth is the instability QK-norm prevents (Wortsman et
+        al. 2023). q (B, Tq, H, D), k (B, Tk, Hk, D); `rows` queries at a time bound the memory."""
+        allowed, _ = spec.mask(q, k, torch.float32)  # (B|1, 1, Tq, Tk)
+        if spec.q_padding is not None:  # padded queries attend nothing that counts
+            allowed = allowed & spec.q_padding.real[:, None, :, None]
+        k = k.float().repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # (B, Tk, H, D)
+        highest = torch.tensor(float("-inf"), device=q.device)
+        for lo in range(0, q.shape[1], rows):
+            scores = torch.einsum("bqhd,bkhd->bhqk", q[:, lo : lo + rows].float(), k) * spec.scale
+            chunk = allowed[..., lo : lo + rows, :]
+            highest = torch.maximum(highest, scores.masked_fill(~chunk, float("-inf")).amax())
+        self.recorder.record(self.key, {"logit_max": highest})
 
     def _record_grad(self, padding, grad):
         norms = grad.detach().float().norm(dim=-1)  # (B, H, Tq): one per row of dL/dP

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import Attention, AttentionConfig, ring
-from ..attention.masks import Padding
+from ..attention.masks import Documents, Padding
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe, recomputing
 from ..errors import ConfigError
@@ -100,14 +100,16 @@ class TransformerBlock(nn.Module):
         self.ls2, self.drop_path2 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
         self.mlp_probe, self.resid_probe = Probe("mlp_out"), Probe("resid")
 
-    def forward(self, x: torch.Tensor, padding: Padding | None = None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: Padding | None = None, cache=None,
+                documents: Documents | None = None) -> torch.Tensor:  # fmt: skip
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self.branches, x, padding, cache, use_reentrant=False,
+            return checkpoint(self.branches, x, padding, cache, documents, use_reentrant=False,
                               context_fn=lambda: (contextlib.nullcontext(), _recompute(ring.current())))  # fmt: skip
-        return self.branches(x, padding, cache)
+        return self.branches(x, padding, cache, documents)
 
-    def branches(self, x: torch.Tensor, padding: Padding | None = None, cache=None) -> torch.Tensor:
-        h = self.post_norm1(self.attn(self.norm1(x), padding=padding, cache=cache))  # (B, T, C)
+    def branches(self, x: torch.Tensor, padding: Padding | None = None, cache=None,
+                 documents: Documents | None = None) -> torch.Tensor:  # fmt: skip
+        h = self.post_norm1(self.attn(self.norm1(x), padding=padding, cache=cache, documents=documents))  # (B, T, C)
         x = self.residual_norm1(x + self.drop_path1(self.ls1(h)))
         h = self.post_norm2(self.mlp_probe(self.mlp(self.norm2(x)), padding))  # (B, T, C)
         return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), padding)

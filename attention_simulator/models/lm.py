@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionConfig, KVCache, ring, sincos_1d
-from ..attention.masks import Padding
+from ..attention.masks import Documents, Padding
 from ..attention.norms import make_norm
 from ..diagnostics.probes import Probe
 from ..errors import ConfigError
@@ -16,7 +16,8 @@ from .block import TransformerBlock, drop_path_rates, init_weights
 
 
 class DecoderLM(nn.Module):
-    """tokens (B, T) -> next-token logits (B, T, vocab_size)."""
+    """tokens (B, T) -> next-token logits (B, T, vocab_size); with `causal=False` a bidirectional
+    encoder (masked modelling) whose logits at position t predict token t itself."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class DecoderLM(nn.Module):
         drop_path: float = 0.0,
         attention: AttentionConfig = AttentionConfig(),
         activation_checkpointing: bool = False,
+        causal: bool = True,
     ):
         super().__init__()
         if pos_embed not in ("none", "learned", "sincos"):
@@ -49,7 +51,7 @@ class DecoderLM(nn.Module):
             table = sincos_1d(max_seq_len, dim)[None] if pos_embed == "sincos" else None
             self.register_buffer("pos_embed", table, persistent=False)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, causal=True, norm=norm,
+            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, causal=causal, norm=norm,
                              norm_type=norm_type, checkpointing=activation_checkpointing)
             for rate in drop_path_rates(drop_path, depth)
         )  # fmt: skip
@@ -79,9 +81,10 @@ class DecoderLM(nn.Module):
         return [block.attn.new_cache(batch, max_len, weight.device, weight.dtype) for block in self.blocks]
 
     def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                lengths: torch.Tensor | None = None, documents: Documents | None = None) -> torch.Tensor:  # fmt: skip
         """`lengths` (B,): right-padded rows (prompts of different lengths); with a `cache`, each
-        sequence continues at its own position."""
+        sequence continues at its own position. `documents`: packed documents attend only within
+        themselves (attention positions restart at each; absolute embeddings follow the block)."""
         cp = ring.current()  # context parallel: tokens are this rank's zig-zag share of longer sequences
         if cp is None:
             offset = 0 if cache is None else cache[0].lengths[:, None].long()  # (B, 1)
@@ -97,5 +100,5 @@ class DecoderLM(nn.Module):
             x = x + self.pos_embed[0, positions]
         padding = None if lengths is None else Padding.of(lengths, tokens.shape[1])
         for i, block in enumerate(self.blocks):
-            x = block(x, padding, cache=None if cache is None else cache[i])  # (B, T, D)
+            x = block(x, padding, cache=None if cache is None else cache[i], documents=documents)  # (B, T, D)
         return self.logits_probe(self.head(self.norm(x)))  # (B, T, V)

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
+
+from ..attention.masks import Documents
+
+
+def perplexities(metrics: dict[str, float]) -> dict[str, float]:
+    """Perplexity exp(loss) for every loss (train, eval and eval at each length)."""
+    return {
+        k.replace("loss", "perplexity"): math.exp(min(v, 700.0))
+        for k, v in metrics.items()
+        if k.rsplit("/", 1)[-1].startswith("loss") and isinstance(v, float)
+    }
+
+
+def documents_of(batch) -> Documents | None:
+    """A text batch's document layout (data.document_masks), or None: blocks attend as a whole."""
+    return Documents.of(batch["doc_index"], batch["doc_lengths"]) if "doc_index" in batch else None
 
 
 class Task:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generation import generate_text
-from .base import Task
+from .base import Task, documents_of, perplexities
 
 
 class LanguageModelingTask(Task):
@@ -25,7 +25,7 @@ class LanguageModelingTask(Task):
 
     @staticmethod
     def _nll(model: nn.Module, batch) -> torch.Tensor:
-        logits = model(batch["inputs"])  # (B, L, V)
+        logits = model(batch["inputs"], documents=documents_of(batch))  # (B, L, V)
         return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")  # (B·L,)
 
     def training_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -45,11 +45,7 @@ class LanguageModelingTask(Task):
     @staticmethod
     def derived(metrics: dict[str, float]) -> dict[str, float]:
         """Perplexity exp(loss) for every loss (train, eval and eval at each length)."""
-        return {
-            k.replace("loss", "perplexity"): math.exp(min(v, 700.0))
-            for k, v in metrics.items()
-            if k.rsplit("/", 1)[-1].startswith("loss") and isinstance(v, float)
-        }
+        return perplexities(metrics)
 
     def samples(self, model: nn.Module, data) -> dict[str, str]:
         """A continuation of each sample prompt, decoded in one batch (logged at every evaluation)."""
