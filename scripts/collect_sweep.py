@@ -1,18 +1,21 @@
 """Tabulate a sweep: every run's overrides against its final metrics.
 
     python scripts/collect_sweep.py multirun/vit_sigmoid/2026-11-23_10-00-00 [--metric eval/accuracy] [--out DIR]
+        [--curves train/grad_norm]
 
 Reads each run directory under MULTIRUN_DIR (any depth: a `.hydra/overrides.yaml` beside a
 `metrics.parquet`), keeps the overrides that differ between runs, and takes each metric's last
 logged value. Prints a markdown table (one row per run, sorted by the swept values) and writes
 `sweep.csv`, `sweep.md` and `sweep.png` (the main metric against the first swept key, one line
-per value of the others, mean ± std over seeds when `trainer.seed` is swept) to --out
-(default: MULTIRUN_DIR).
+per value of the others, mean ± std over seeds when `trainer.seed` is swept; runs whose metric
+is not finite marked as diverged) to --out (default: MULTIRUN_DIR). `--curves KEY` also draws
+`sweep_curves.png`: KEY over steps for every run at the largest value of the first swept key.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -70,24 +73,71 @@ def table(runs: pd.DataFrame, swept: list[str], metrics: list[str]) -> pd.DataFr
     return out.iloc[sorted(range(len(out)), key=lambda i: [_sort_value(out.iloc[i][k]) for k in swept])]
 
 
+def _numeric(values) -> bool:
+    return all(_sort_value(v)[0] == 0 for v in values)
+
+
 def plot(runs: pd.DataFrame, swept: list[str], metric: str, path: Path):
-    """The metric against the first swept key (seeds averaged), one line per other setting."""
+    """The metric against the first swept key (seeds averaged), one line per other setting; a
+    numeric key spanning a decade or more on a log axis. A run whose metric is not finite
+    (it diverged) is left out of the mean and marked × at the top of the figure."""
     x_key = next((k for k in swept if k != SEED), swept[0])
     others = [k for k in swept if k not in (x_key, SEED)]
+    numeric = _numeric(runs[x_key])
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = runs.groupby(others, dropna=False) if others else [((), runs)]
+    diverged_any = False
     for label, group in groups:
-        stats = group.groupby(x_key)[metric].agg(["mean", "std", "count"]).reset_index()
-        order = sorted(range(len(stats)), key=lambda i: _sort_value(stats[x_key].iloc[i]))
-        stats = stats.iloc[order]
-        xs = [str(v) for v in stats[x_key]]
+        finite = group[metric].astype(float).map(math.isfinite)
+        stats = group[finite].groupby(x_key)[metric].agg(["mean", "std"]).reset_index()
+        stats = stats.iloc[sorted(range(len(stats)), key=lambda i: _sort_value(stats[x_key].iloc[i]))]
+        xs = [float(v) if numeric else str(v) for v in stats[x_key]]
         name = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,)))
-        ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=name or None)
+        line = ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=name or None)
+        diverged = group[~finite][x_key].unique()
+        if len(diverged):
+            diverged_any = True
+            xs = [float(v) if numeric else str(v) for v in diverged]
+            ax.plot(xs, [1.0] * len(xs), "x", ms=9, clip_on=False, color=line[0].get_color(),
+                    transform=ax.get_xaxis_transform())  # fmt: skip
+    values = [float(v) for v in runs[x_key]] if numeric else []
+    if numeric and min(values) > 0 and max(values) >= 10 * min(values):
+        ax.set_xscale("log")
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric + (" (mean ± std over seeds)" if SEED in swept else ""))
+    if diverged_any:
+        ax.set_title("× at the top: a run that diverged (non-finite)", fontsize=9)
     ax.grid(alpha=0.3)
     if others:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(root: Path, runs: pd.DataFrame, swept: list[str], key: str, path: Path):
+    """`key` over training steps for the runs at the largest value of the first swept key: one
+    colour per other setting, one line per seed (absolute values, log scale)."""
+    x_key = next((k for k in swept if k != SEED), swept[0])
+    top = max(runs[x_key], key=_sort_value)
+    others = [k for k in swept if k not in (x_key, SEED)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {}
+    for _, run in runs[runs[x_key] == top].iterrows():
+        frame = pd.read_parquet(root / run["run"] / "metrics.parquet")
+        if key not in frame:
+            raise ConfigError(f"run {run['run']} logged no {key!r}: pick --curves from its metrics.parquet columns.")
+        frame = frame[["step", key]].dropna()
+        name = ", ".join(f"{k}={run[k]}" for k in others) or run["run"]
+        first = name not in colours
+        colour = colours.setdefault(name, f"C{len(colours)}")
+        ax.plot(frame["step"], frame[key].abs(), color=colour, lw=1, label=name if first else None)
+    ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(f"{x_key}={top}", fontsize=9)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -99,6 +149,8 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--metric", help="the main metric (default: the first eval/ metric of eval/accuracy, "
                                          "eval/bits_per_byte, eval/wer, eval/loss that the runs have)")  # fmt: skip
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--curves", help="also plot this metric over steps for the runs at the largest value of the "
+                                         "first swept key (e.g. train/grad_norm), to sweep_curves.png")  # fmt: skip
     args = parser.parse_args(argv)
     runs = read_runs(args.multirun_dir)
     metrics = [c for c in runs.columns if "/" in c and not c.startswith(("param/", "grad/", "update", "opt/"))]
@@ -121,6 +173,8 @@ def main(argv=None) -> pd.DataFrame:
     (out / "sweep.md").write_text(markdown)
     result.to_csv(out / "sweep.csv", index=False)
     plot(runs, swept, metric, out / "sweep.png")
+    if args.curves:
+        plot_curves(args.multirun_dir, runs, swept, args.curves, out / "sweep_curves.png")
     print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'} ({metric})", file=sys.stderr)
     return result
 

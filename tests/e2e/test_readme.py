@@ -79,6 +79,8 @@ def capped(args: list[str]) -> list[str]:
         caps = caps | {"trainer.max_steps": "4", "trainer.run_steps": "2"}
     if "hydra/launcher=submitit_local" in args:
         caps = caps | {"hydra.sweeper.max_batch_size": "2"}  # two cores: two runs at a time
+    if "+sweep=stability" in args:  # its softmax and sigmoid runs at one learning rate (not 40 runs)
+        caps = caps | {"optimizer.learning_rate": "0.1", "attention.qk_norm": "null", "trainer.seed": "0"}
     kept = [a for a in args if a.split("=", 1)[0] not in caps]
     return kept + [f"{k}={v}" for k, v in caps.items()]
 

@@ -64,6 +64,8 @@ def test_multirun_then_collect_sweep(tmp_path, launcher):
     ("softmax_vs_sigmoid", {"attention": "softmax,sigmoid", "trainer.seed": "0,1,2"}),
     ("sigmoid_bias", {"sigmoid.bias": "-2,-4,-6,-8,auto", "trainer.seed": "0,1"}),
     ("layerscale", {"model.layer_scale": "null,1e-1,1e-2,1e-4", "trainer.seed": "0,1"}),
+    ("stability", {"optimizer.learning_rate": "1e-3,3e-3,1e-2,3e-2,1e-1", "attention": "softmax,sigmoid",
+                   "attention.qk_norm": "null,layernorm", "trainer.seed": "0,1"}),
 ])  # fmt: skip
 def test_sweep_presets_are_multiruns(preset, swept):
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -78,7 +80,18 @@ def test_collect_sweep_says_when_there_is_nothing(tmp_path):
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
 PRESETS = sorted(p.stem for p in Path(CONFIG_DIR, "sweep").glob("*.yaml"))
-MODEL_ARGS = {"vit": {}, "lm": {"vocab_size": 257}, "asr": {"n_mels": 80, "vocab_size": 29}}
+MODEL_ARGS = {"vit": {}, "mae": {}, "lm": {"vocab_size": 257}, "mlm": {"vocab_size": 258},
+              "asr": {"n_mels": 80, "vocab_size": 29}}  # fmt: skip
+
+
+def numbers_at_the_ends(values: list[str]) -> list[str]:
+    """A list of numbers (e.g. learning rates) by its smallest and largest: values in between
+    build the same components."""
+    try:
+        numbers = sorted(values, key=float)
+    except ValueError:
+        return values
+    return [numbers[0], numbers[-1]]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -89,7 +102,8 @@ def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment
     sigmoid jobs and drops them for the softmax ones, instead of failing after queueing."""
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", f"+sweep={preset}"], return_hydra_config=True)
-        swept = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items() if k != "trainer.seed"}
+        swept = {k: numbers_at_the_ends(str(v).split(",")) for k, v in cfg.hydra.sweeper.params.items()
+                 if k != "trainer.seed"}  # fmt: skip
         for values in itertools.product(*swept.values()):
             job = [f"{k}={v}" for k, v in zip(swept, values)]
             job_cfg = compose("train", overrides=[f"+experiment={experiment}", *job])
@@ -123,3 +137,33 @@ def test_local_sweeps_start_a_few_runs_at_a_time():
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=submitit_local"], return_hydra_config=True)
     assert cfg.hydra.sweeper.max_batch_size == expected
+
+
+def fake_run(root: Path, overrides: dict, losses: list[float], grad_norms: list[float]):
+    """A run directory as a sweep leaves it: .hydra/overrides.yaml + metrics.parquet."""
+    run = root / ",".join(f"{k}={v}" for k, v in overrides.items())
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
+    steps = list(range(1, len(losses) + 1))
+    evals = [float("nan")] * (len(steps) - 1) + [losses[-1]]
+    frame = pd.DataFrame({"step": steps, "train/loss": losses, "train/grad_norm": grad_norms, "eval/loss": evals})
+    frame.to_parquet(run / "metrics.parquet")
+
+
+def test_collect_sweep_draws_learning_rate_sensitivity_and_curves(tmp_path):
+    """Diverged runs (a non-finite final loss) stay in the table and are left out of the means;
+    --curves draws the runs at the largest learning rate; a key no run logged is an error."""
+    for lr in ("1e-3", "1e-2", "1e-1"):
+        for attention in ("softmax", "sigmoid"):
+            for seed in (0, 1):
+                diverged = lr == "1e-1" and attention == "softmax" and seed == 1
+                final = float("nan") if diverged else {"1e-3": 3.0, "1e-2": 2.0, "1e-1": 2.5}[lr]
+                overrides = {"optimizer.learning_rate": lr, "attention": attention, "trainer.seed": seed}
+                fake_run(tmp_path, overrides, [5.0, 4.0, final], [1.0, 10.0, 1e4 if diverged else 2.0])
+    table = collect_sweep.main([str(tmp_path), "--metric", "eval/loss", "--curves", "train/grad_norm"])
+    assert len(table) == 12 and table["eval/loss"].isna().sum() == 1
+    for name in ("sweep.png", "sweep_curves.png"):
+        with Image.open(tmp_path / name) as png:
+            assert png.size[0] > 300
+    with pytest.raises(ConfigError, match="train/nothing"):
+        collect_sweep.main([str(tmp_path), "--metric", "eval/loss", "--curves", "train/nothing"])
