@@ -133,6 +133,12 @@ def check_context_parallel(size: int, cfg, attention, compile: bool):
             f"trainer.context_parallel={size} splits the sequences of language models; data={cfg.data.get('name')} "
             "has none. Use it with a language model (+experiment=lm_*), or set trainer.context_parallel=1."
         )
+    if cfg.data.get("masking") is not None or cfg.data.get("document_masks"):
+        raise ConfigError(
+            f"trainer.context_parallel={size} splits whole next-token blocks; masked modelling (data.masking) and "
+            "packed documents (data.document_masks) pad and regroup them. Turn those off or set "
+            "trainer.context_parallel=1."
+        )
     uneven = [n for n in (seq_len, *(cfg.data.get("eval_seq_lens") or [])) if n % (2 * size)]
     if uneven:
         raise ConfigError(

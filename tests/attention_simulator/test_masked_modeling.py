@@ -201,3 +201,14 @@ def test_masked_modeling_needs_masked_data(tmp_path):
     cfg = compose_config("+experiment=mlm_softmax", "data.masking=null", "logger.wandb=false")
     with pytest.raises(ConfigError, match="data.masking"):
         make_trainer(cfg, tmp_path)
+
+
+def test_context_parallelism_refuses_masked_and_packed_documents():
+    from attention_simulator.config import build
+    from attention_simulator.errors import ConfigError
+    from attention_simulator.parallel import check_context_parallel
+
+    for experiment in ("mlm_sigmoid", "lm_sigmoid"):
+        cfg = compose_config(f"+experiment={experiment}", "data.document_masks=true")
+        with pytest.raises(ConfigError, match="data.document_masks"):
+            check_context_parallel(2, cfg, build(cfg.attention), compile=False)
