@@ -16,7 +16,7 @@ import optorch
 
 from . import checkpoint as ckpt
 from .data.loader import seed_for
-from .diagnostics import Diagnostics, DiagnosticsConfig
+from .diagnostics import Diagnostics, DiagnosticsConfig, lipschitz
 from .distributed import gather_objects, reduce_metrics, sum_across
 from .errors import CheckpointError, ConfigError
 from .parallel import Parallel, even_batches
@@ -244,6 +244,8 @@ class Trainer:
                     for k, (total, count) in self.eval_step(batch).items():
                         acc = sums.setdefault(f"eval/{k}{suffix}", [0.0, 0])
                         acc[0], acc[1] = acc[0] + total, acc[1] + count
+                if i == 0 and not suffix:  # the attention layers' Jacobian norms on this batch (diagnostics.lipschitz)
+                    lipschitz.record(self.diagnostics, self.model, self.eval_step, batch, self.parallel)
             if self.parallel.sharded:  # every forward gathers parameters from all processes: as many here
                 for _ in range(even_batches(len(loader), self.device) - len(loader)):
                     self.eval_step(batch)  # uncounted

@@ -4,7 +4,9 @@
 
 Reads each run's metrics.parquet and .hydra/config.yaml; writes DIR/compare.png (loss, eval
 metrics, and layer-averaged attention mass, attention-output norm and residual norm over steps,
-plus the gradient norm) and DIR/compare.md (final values, one row per run), and prints the table.
+the gradient norm, and at evaluations the layer-averaged Lipschitz statistics: Jacobian norm,
+mean / max squared input norm and the ratios) and DIR/compare.md (final values, one row per run),
+and prints the table.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_simulator.cli import exit_on_user_error  # noqa: E402
-from attention_simulator.diagnostics.report import LAYER_PANELS, layer_columns  # noqa: E402
+from attention_simulator.diagnostics.report import LAYER_PANELS, LIPSCHITZ_PANELS, layer_columns  # noqa: E402
 from attention_simulator.errors import ConfigError  # noqa: E402
+
+PER_LAYER = [p for p, _ in LAYER_PANELS]  # averaged over layers into '.../layer_mean/...' columns
+LIPSCHITZ = [p for patterns, _ in LIPSCHITZ_PANELS for p in patterns if p]  # the same, logged at evaluations
 
 
 def load(run_dir: Path) -> tuple[str, pd.DataFrame]:
@@ -36,7 +41,7 @@ def load(run_dir: Path) -> tuple[str, pd.DataFrame]:
     if config_path.exists():
         config = yaml.safe_load(config_path.read_text())
         label = f"{config.get('name', run_dir.name)} ({config['attention']['backend']})"
-    for pattern, _ in LAYER_PANELS:  # the mean over layers, one column per statistic
+    for pattern in PER_LAYER + LIPSCHITZ:  # the mean over layers, one column per statistic
         columns = list(layer_columns(frame, pattern).values())
         if columns:
             frame[pattern.replace("{layer}", "layer_mean")] = frame[columns].mean(axis=1, skipna=False)
@@ -44,12 +49,15 @@ def load(run_dir: Path) -> tuple[str, pd.DataFrame]:
 
 
 def statistics(frames: list[pd.DataFrame]) -> list[str]:
-    """The statistics every run recorded: losses and eval metrics, then the layer means."""
+    """The statistics every run recorded: losses and eval metrics, then the layer means (the
+    Lipschitz ones after the gradient norm)."""
     common = set.intersection(*(set(f.columns) for f in frames))
     head = [k for k in ("train/loss", "eval/loss") if k in common]
     head += sorted(k for k in common if k.startswith("eval/") and k != "eval/loss" and k.count("/") == 1)
-    layer_means = [p.replace("{layer}", "layer_mean") for p, _ in LAYER_PANELS]
-    return head + [k for k in layer_means if k in common] + [k for k in ("train/grad_norm",) if k in common]
+    layer_means = [p.replace("{layer}", "layer_mean") for p in PER_LAYER]
+    lipschitz = [p.replace("{layer}", "layer_mean") for p in LIPSCHITZ]
+    tail = ["train/grad_norm", *lipschitz]
+    return head + [k for k in layer_means if k in common] + [k for k in tail if k in common]
 
 
 def final(frame: pd.DataFrame, key: str) -> float:
@@ -77,7 +85,8 @@ def plot(labels, frames, keys, path: Path):
     for ax, key in zip(axes.flat, keys):
         for label, frame in zip(labels, frames):
             points = frame[["step", key]].dropna()
-            ax.plot(points["step"], points[key], label=label, marker="o" if key.startswith("eval/") else None, ms=3)
+            at_eval = key.startswith(("eval/", "lipschitz/"))
+            ax.plot(points["step"], points[key], label=label, marker="o" if at_eval else None, ms=3)
         ax.set(title=key, xlabel="step")
         ax.grid(alpha=0.3)
         if "loss" in key or "grad_norm" in key:

@@ -25,6 +25,20 @@ def document_ids(tokens: torch.Tensor, real: torch.Tensor, eos_id: int) -> torch
     return torch.where(real, ids, -1)
 
 
+def first_rows(batch: dict, n: int) -> dict:
+    """The first n blocks of a text batch: every value is batch-first except the document
+    layout, whose pieces of those blocks are kept (the spare slot renumbered)."""
+    rows = {k: v[:n] for k, v in batch.items() if k not in ("doc_index", "doc_lengths")}
+    if "doc_index" in batch:
+        batch_size, length = batch["inputs"].shape
+        n = min(n, batch_size)
+        index, keep = batch["doc_index"], batch["doc_index"][:, 0] < n * length  # documents run in block order
+        lengths = batch["doc_lengths"][keep]
+        index = index[keep][:, : int(lengths.max())]
+        rows |= {"doc_index": torch.where(index == batch_size * length, n * length, index), "doc_lengths": lengths}
+    return rows
+
+
 def with_documents(batch: dict, tokens: torch.Tensor, real: torch.Tensor, eos_id: int) -> dict:
     """Add the (host-computed) regrouping of a batch into documents: see `masks.Documents`."""
     index, lengths = document_index(document_ids(tokens, real, eos_id))

@@ -3,6 +3,7 @@
 Keys are grouped by prefix so W&B shows them as sections:
     attn/block_03/mass_mean      attn_out/block_03/norm_mean     resid/block_03/grad_norm_max
     param/blocks.3.attn.qkv.weight   grad/...   update/...   update_ratio/...   opt/exp_avg_sq/...
+    lipschitz/block_03/spectral_max  (at evaluation: lipschitz.py)
 Everything recorded in a step stays on the device as 0-d tensors until `pop`, which the
 trainer stacks with its own metrics into one device -> host transfer. Nothing is kept across
 steps.
@@ -37,6 +38,12 @@ class DiagnosticsConfig:
     parameters: per-parameter norms, gradient norms, update norms and update/parameter ratios.
     optimizer_state: norms of every optimizer-state buffer per parameter (optorch.state_norms).
     at_eval: also the forward statistics of the first evaluation batch (as eval_<stat>).
+    lipschitz: at every evaluation, a power-iteration estimate of each attention layer's
+        input -> output Jacobian norm on the first evaluation batch, with the mean and max
+        squared token norms of its input (lipschitz/block_NN/..., diagnostics/lipschitz.py). Off
+        here, on in the `default` and `full` presets.
+    lipschitz_iters: power iterations (one jvp and one vjp each) per estimate.
+    lipschitz_sequences: how many sequences of that batch the estimate uses (the cost grows with it).
     """
 
     every_n_steps: int = 10
@@ -45,6 +52,9 @@ class DiagnosticsConfig:
     parameters: bool = False
     optimizer_state: bool = False
     at_eval: bool = True
+    lipschitz: bool = False
+    lipschitz_iters: int = 20
+    lipschitz_sequences: int = 4
 
     def __post_init__(self):
         unknown = set(self.probes) - set(KINDS)
@@ -52,6 +62,10 @@ class DiagnosticsConfig:
             raise ConfigError(f"diagnostics.probes has unknown kinds {sorted(unknown)}; choose from {list(KINDS)}.")
         if self.every_n_steps < 0:
             raise ConfigError(f"diagnostics.every_n_steps={self.every_n_steps} must be >= 0 (0 = off).")
+        for name in ("lipschitz_iters", "lipschitz_sequences"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"diagnostics.{name}={getattr(self, name)} must be >= 1 (diagnostics.lipschitz=false "
+                                  "turns the estimate off).")  # fmt: skip
 
 
 def probe_key(kind: str, module_path: str) -> str:

@@ -212,3 +212,19 @@ def test_context_parallelism_refuses_masked_and_packed_documents():
         cfg = compose_config(f"+experiment={experiment}", "data.document_masks=true")
         with pytest.raises(ConfigError, match="data.document_masks"):
             check_context_parallel(2, cfg, build(cfg.attention), compile=False)
+
+
+def test_first_rows_keep_their_documents():
+    """What the Lipschitz diagnostic runs on: the first blocks of a batch, with the layout those
+    blocks would have alone."""
+    from attention_simulator.data.masking import first_rows
+
+    tokens, lengths = block_batch(torch.Generator().manual_seed(3))
+    masking = BertMasking(0.15, vocab_size=10, eos_id=EOS, mask_id=10, documents=True)
+    batch = masking((tokens, lengths), [torch.Generator().manual_seed(i) for i in range(3)])
+    for n in (1, 2, 5):
+        alone = masking((tokens[:n], lengths[:n]), [torch.Generator().manual_seed(i) for i in range(min(n, 3))])
+        rows = first_rows(batch, n)
+        assert rows.keys() == alone.keys()
+        for key in rows:
+            assert torch.equal(rows[key], alone[key]), key

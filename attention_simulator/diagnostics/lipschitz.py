@@ -1,0 +1,164 @@
+"""Local Lipschitz estimates of the attention layers, at evaluation.
+
+The sigmoid-attention paper bounds the local Lipschitz constant of sigmoid attention by a
+quantity that grows with the *mean* squared norm of the input tokens, where softmax attention's
+worst-case bound depends on the *largest* one. This module measures the left-hand side on real
+inputs:
+for every attention layer (each `attention.Attention` in the model's blocks) the spectral norm
+‖J‖₂ of the Jacobian of x -> attn(x, ...) at the layer's actual input, next to the bound's two
+ingredients, the mean and the max squared token norm of that input.
+
+How, on the first evaluation batch:
+- Its first `diagnostics.lipschitz_sequences` sequences run through the task's evaluation step
+  once more, with a forward pre-hook (`with_kwargs`) on every attention layer that keeps the
+  layer's arguments as the model passed them (x, padding, context, whatever else): the estimate
+  differentiates `x -> attn(x, *args, **kwargs)` with all of them passed through untouched.
+- Power iteration on JᵀJ, `diagnostics.lipschitz_iters` steps of one `torch.func.jvp` (J·v) and
+  one pull-back through a `torch.func.vjp` linearised once (Jᵀ·u); the full Jacobian is never
+  formed. ‖JᵀJ·v‖ ≤ σ² for a unit v, so the estimate approaches ‖J‖₂ from below.
+- Per sequence: attention never mixes sequences, so J is block-diagonal over them and ‖J‖₂ is
+  the largest block's norm. Each sequence keeps its own unit direction (one jvp and one vjp per
+  step serve all of them), so each iteration converges at its own block's eigen-gap instead of
+  at the gap between the near-equal top values of different sequences that joint iteration sees;
+  and the bound, which is per input sequence, is checked per sequence (the ratios below).
+- Padded positions (speech batches) are not inputs: the direction is zero there and J·v is
+  zeroed there, so the estimate is that of the Jacobian between real positions only.
+- The layer is put in eval mode with the probes off (`probes.recomputing()`): the power
+  iteration's forwards are not observations. The fused backends (flash_sigmoid: a custom
+  autograd Function / Triton; flash_softmax: flash-attn / SDPA) have no forward-mode AD: the
+  estimate runs the layer with the naive backend of the same activation (sigmoid / softmax),
+  the same function computed with the matrix materialised.
+- Its initial direction comes from a generator of its own: the run's random stream is untouched.
+
+Keys (per attention layer, `lipschitz/block_NN/<stat>`; max-named ones are reduced across
+processes by max, the mean by mean):
+    spectral_max            ‖J‖₂ estimate: the max over the sequences of each one's
+    sq_norm_mean            mean ‖x_i‖² over the real tokens of the sequences
+    sq_norm_max             max ‖x_i‖² over them
+    ratio_to_mean_sq_max    max over sequences of ‖J_s‖₂ / (mean ‖x_i‖² of sequence s)
+    ratio_to_max_sq_max     max over sequences of ‖J_s‖₂ / (max ‖x_i‖² of sequence s)
+
+Skipped (one log line) under trainer.parallel=fsdp, where a layer's parameters are shards
+gathered only inside the model's own forward, and under trainer.context_parallel > 1, where each
+process holds a piece of every sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+from ..attention import Attention
+from ..attention.backends import BACKENDS
+from ..data.masking import first_rows
+from .collector import DiagnosticsConfig, probe_key
+from .probes import recomputing
+
+log = logging.getLogger(__name__)
+
+
+def estimate(model, forward: Callable, batch: dict, config: DiagnosticsConfig, parallel) -> dict[str, torch.Tensor]:
+    """`lipschitz/block_NN/<stat>` (0-d tensors on the device) of every attention layer, on the
+    first `config.lipschitz_sequences` sequences of `batch`; `forward(batch)` runs the model on a
+    batch as evaluation does. Empty when `config.lipschitz` is off or the run is sharded."""
+    if not config.lipschitz:
+        return {}
+    if parallel.sharded or parallel.cp is not None:
+        _skipped(parallel.world.is_main)
+        return {}
+    with captured_inputs(model) as inputs:
+        forward(first_rows(batch, config.lipschitz_sequences))
+    return {
+        f"{key}/{name}": value
+        for key, (layer, args, kwargs) in inputs.items()
+        for name, value in layer_stats(layer, args, kwargs, config.lipschitz_iters).items()
+    }
+
+
+def record(diagnostics, model, forward: Callable, batch: dict, parallel):
+    """`estimate` into the diagnostics' records, which the evaluation pops with the probes' statistics."""
+    diagnostics.records.update(estimate(model, forward, batch, diagnostics.config, parallel))
+
+
+@functools.cache
+def _skipped(is_main: bool):
+    if is_main:
+        log.info("diagnostics.lipschitz is skipped: under trainer.parallel=fsdp or trainer.context_parallel > 1 "
+                 "no process holds a whole layer and whole sequences.")  # fmt: skip
+
+
+@contextmanager
+def captured_inputs(model: torch.nn.Module) -> Iterator[dict[str, tuple[Attention, tuple, dict]]]:
+    """While open, the first call of each attention layer is kept: {key: (layer, args, kwargs)}."""
+    inputs: dict[str, tuple[Attention, tuple, dict]] = {}
+
+    def keep(key, layer, args, kwargs):
+        inputs.setdefault(key, (layer, args, kwargs))
+
+    handles = [
+        module.register_forward_pre_hook(partial(keep, probe_key("lipschitz", path)), with_kwargs=True)
+        for path, module in model.named_modules()
+        if isinstance(module, Attention)
+    ]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_stats(layer: Attention, args: tuple, kwargs: dict, iters: int) -> dict[str, torch.Tensor]:
+    """The keys' statistics of one layer called as `layer(*args, **kwargs)`, x = args[0] (S, T, C);
+    padded positions are those of kwargs["padding"] (how the blocks pass it)."""
+    x = args[0].detach().to(next(layer.parameters()).dtype)  # (S, T, C)
+    padding = kwargs.get("padding")
+    real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding is None else padding.real  # (S, T)
+    with differentiable(layer):
+        sigma = spectral_norms(lambda x: layer(x, *args[1:], **kwargs), x, real[..., None], iters)  # (S,)
+    squares = x.square().sum(-1) * real  # (S, T): ‖x_i‖², 0 at padded positions
+    mean_sq = squares.sum(1) / real.sum(1)  # (S,)
+    max_sq = squares.amax(1)  # (S,)
+    return {
+        "spectral_max": sigma.max(),
+        "sq_norm_mean": squares.sum() / real.sum(),
+        "sq_norm_max": max_sq.max(),
+        "ratio_to_mean_sq_max": (sigma / mean_sq).max(),
+        "ratio_to_max_sq_max": (sigma / max_sq).max(),
+    }
+
+
+@contextmanager
+def differentiable(layer: Attention):
+    """The layer in eval mode, with the naive backend of its activation, its probes off."""
+    training, backend = layer.training, layer.backend
+    layer.eval()
+    layer.backend = BACKENDS[BACKENDS[layer.config.backend].activation].fn  # flash_sigmoid -> sigmoid, ...
+    try:
+        with recomputing():
+            yield
+    finally:
+        layer.train(training)
+        layer.backend = backend
+
+
+def spectral_norms(fn: Callable, x: torch.Tensor, real: torch.Tensor, iters: int) -> torch.Tensor:
+    """Per sequence s, a power-iteration estimate of ‖J_s‖₂, J_s the Jacobian of fn's output rows
+    at the real positions of sequence s with respect to its input rows there: x (S, T, C), real
+    (S, T, 1) bool -> (S,). fn must not mix sequences (J block-diagonal)."""
+    real = real.to(x.dtype)
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * real  # (S, T, C)
+    v = v / v.flatten(1).norm(dim=1)[:, None, None]
+    _, pull_back = torch.func.vjp(fn, x)  # linearised once: each call is one backward
+    for _ in range(iters):  # iters >= 1
+        _, jv = torch.func.jvp(fn, (x,), (v,))  # J·v (S, T, C)
+        (w,) = pull_back(jv * real)  # Jᵀ·J·v
+        w = w * real
+        sigma_sq = w.flatten(1).norm(dim=1)  # (S,): ‖JᵀJ·v‖ ≤ σ², equal once v is the top singular vector
+        v = w / sigma_sq.clamp(min=torch.finfo(x.dtype).tiny)[:, None, None]
+    return sigma_sq.sqrt()
