@@ -25,7 +25,9 @@ class LanguageModelingTask(Task):
 
     @staticmethod
     def _nll(model: nn.Module, batch) -> torch.Tensor:
-        logits = model(batch["inputs"], documents=documents_of(batch))  # (B, L, V)
+        documents = documents_of(batch)  # packed documents (data.document_masks): passed only when there are some
+        extra = {} if documents is None else {"documents": documents}
+        logits = model(batch["inputs"], **extra)  # (B, L, V)
         return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")  # (B·L,)
 
     def training_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
