@@ -13,6 +13,7 @@ which needs torchcodec and FFmpeg.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import datasets
@@ -26,7 +27,7 @@ from ..errors import ConfigError, DatasetUnavailableError
 from .features import LogMel, SpecAugment, normalise
 from .loader import KeyedDataset, LengthGroupedBatchSampler, check_batch_sizes, eval_batches, make_loader
 from .sources import load_from_hub, local_root
-from .synthesis import SAMPLE_RATE, SynthConfig, normalise_transcript, synthesize_corpus
+from .synthesis import SAMPLE_RATE, SynthConfig, normalise_transcript, synthesize_corpus, synthesize_long
 
 BLANK = 0
 ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"  # ids 1..28; 0 is CTC's blank
@@ -91,6 +92,28 @@ def load_speech_dataset(name: str, path: str | None, synth: SynthConfig) -> data
     return datasets.DatasetDict({s: _undecoded(splits[s]) for s in ("train", "dev", "test")})
 
 
+LONG_BUCKET = re.compile(r"long_([0-9]+)x")
+
+
+def long_buckets(eval_splits: list[str], synthesised: bool) -> dict[str, int]:
+    """{"long_3x": 3, ...}: the long-utterance buckets among `data.eval_splits`, checked."""
+    if isinstance(eval_splits, str):
+        raise ConfigError(f"data.eval_splits={eval_splits!r} must be a list, e.g. data.eval_splits=[test,long_2x].")
+    choices = "test, long_<k>x (k >= 2 test utterances joined and spoken as one, e.g. long_2x, long_4x)"
+    if not synthesised:
+        choices = "test (long_<k>x buckets are synthesised: data.name=speech_synth without data.path)"
+    buckets = {}
+    for split in eval_splits:
+        match = LONG_BUCKET.fullmatch(str(split))
+        if split == "test":
+            continue
+        if not (synthesised and match and int(match[1]) >= 2):
+            why = "dev is always evaluated (eval/cer, ...)" if split == "dev" else f"{split!r} is not a split"
+            raise ConfigError(f"data.eval_splits: {why}; choose from {choices}.")
+        buckets[split] = int(match[1])
+    return buckets
+
+
 def _undecoded(split: datasets.Dataset) -> datasets.Dataset:
     """Audio as {"bytes", "path"}, for soundfile below, not decoded by datasets' Audio feature."""
     if isinstance(split.features.get("audio"), datasets.Audio):
@@ -135,12 +158,22 @@ class SpeechData:
         eval_batch_size: int = 64,
         group_batches: int = 20,
         specaugment: dict | None = None,
+        eval_splits: list[str] | tuple[str, ...] = ("test",),
         num_workers: int = 0,
     ):
         check_batch_sizes(batch_size, eval_batch_size)
         self.name, self.batch_size, self.eval_batch_size = name, batch_size, eval_batch_size
         self.group_batches, self.num_workers = group_batches, num_workers
-        self.splits = load_speech_dataset(name, path, SynthConfig.from_options(synth or {}))
+        buckets = long_buckets(eval_splits, name == "speech_synth" and path is None)  # checked before any build
+        self.eval_splits = list(dict.fromkeys(eval_splits))
+        synth_config = SynthConfig.from_options(synth or {})
+        self.splits = load_speech_dataset(name, path, synth_config)
+        for split, parts in buckets.items():
+            if parts > len(self.splits["test"]):
+                raise ConfigError(
+                    f"data.eval_splits: {split} joins more utterances than the test split's {len(self.splits['test'])}."
+                )
+            self.splits[split] = synthesize_long(synth_config, parts)
         self.log_mel = LogMel(SAMPLE_RATE, n_mels)
         self.specaugment = SpecAugment(**specaugment) if specaugment else None
         self.lengths = {s: utterance_lengths(self.splits[s]) for s in self.splits}
@@ -178,9 +211,10 @@ class SpeechData:
         return make_loader(self._dataset("train", seed, train=True), sampler, self.num_workers)
 
     def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
-        """{"": dev (eval/wer, ...), "@test": test (eval/wer@test, ...)}, shortest first."""
+        """{"": dev (eval/wer, ...)} and one per `eval_splits` entry ("@test": eval/wer@test,
+        "@long_2x": eval/wer@long_2x, ...), each shortest first."""
         loaders = {}
-        for key, split in (("", "dev"), ("@test", "test")):
+        for key, split in [("", "dev")] + [(f"@{split}", split) for split in self.eval_splits]:
             order = np.argsort(self.lengths[split], kind="stable").tolist()
             batches = [[(0, order[i]) for _, i in batch] for batch in
                        eval_batches(len(order), self.eval_batch_size, rank, world_size)]  # fmt: skip

@@ -6,6 +6,9 @@ nothing needs root or a system package. Sentences come from CPython's pydoc text
 spoken once with a random voice, rate and pitch, mixed with white noise at a random SNR and
 resampled to 16 kHz. The corpus is built once, with a progress bar, and saved as a 🤗 datasets
 `DatasetDict` in datasets' cache; later runs load it from there.
+
+Long utterances for length generalisation (`long_<k>x`) are the test split's texts joined k at a
+time and spoken again, built once each and cached apart from the corpus, whose key they leave alone.
 """
 
 from __future__ import annotations
@@ -231,3 +234,36 @@ def _synthesize(config: SynthConfig) -> datasets.DatasetDict:
                 bar.update()
             built[split] = datasets.Dataset.from_list(rows, features=FEATURES)
     return datasets.DatasetDict(built)
+
+
+# ---- long utterances: the test texts joined, for length generalisation --------------------------
+
+LONG_VERSION = 1  # bump when the code below changes what it produces
+
+
+def long_texts(test_texts: list[str], parts: int, rng: np.random.Generator) -> list[list[str]]:
+    """The test texts in a random order, cut into groups of `parts`: every test text is in one
+    group (a remainder of fewer than `parts` texts is left out), so each bucket holds the test
+    split's words, only in longer utterances."""
+    order = rng.permutation(len(test_texts)).tolist()
+    return [[test_texts[i] for i in order[lo : lo + parts]] for lo in range(0, len(order) - parts + 1, parts)]
+
+
+def synthesize_long(config: SynthConfig, parts: int, cache_dir: str | None = None) -> datasets.Dataset:
+    """Bucket `long_{parts}x`: utterances of `parts` test texts each, built on first use."""
+    key = f"speech_synth_long/{config.key}-{parts}x-v{LONG_VERSION}"
+    return built_once(key, lambda: _synthesize_long(config, parts, cache_dir), cache_dir)[f"long_{parts}x"]
+
+
+def _synthesize_long(config: SynthConfig, parts: int, cache_dir: str | None) -> datasets.DatasetDict:
+    """Each group spoken as one utterance, one voice, rate, pitch and noise level throughout, as
+    in training: only the length changes. The texts are joined with a comma, which eSpeak reads
+    as a short pause (about 0.25 s); the transcript joins them with a space."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng([config.seed, parts, LONG_VERSION])  # not one of the corpus' streams
+    groups = long_texts(synthesize_corpus(config, cache_dir)["test"]["text"], parts, rng)
+    rows = []
+    for group in tqdm(groups, desc=f"synthesising speech_synth long_{parts}x (once)", unit="utt"):
+        rows.append(speak(", ".join(group), rng, config) | {"text": " ".join(group)})
+    return datasets.DatasetDict({f"long_{parts}x": datasets.Dataset.from_list(rows, features=FEATURES)})

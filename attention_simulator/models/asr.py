@@ -85,11 +85,16 @@ class SpeechRecognizer(nn.Module):
         activation_checkpointing: bool = False,
     ):
         super().__init__()
-        if pos_embed not in ("none", "sincos"):
-            raise ConfigError(f"model.pos_embed={pos_embed!r}: use none (RoPE / ALiBi in attention) or sincos.")
+        if pos_embed not in ("none", "learned", "sincos"):
+            raise ConfigError(
+                f"model.pos_embed={pos_embed!r}: use none (RoPE / ALiBi in attention), learned or sincos."
+            )
         self.subsampling = ConvSubsampling(n_mels, dim, subsampling_channels)
-        table = sincos_1d(max_frames, dim)[None] if pos_embed == "sincos" else None
-        self.register_buffer("pos_embed", table, persistent=False)
+        if pos_embed == "learned":  # rows past the longest training utterance are never trained
+            self.pos_embed = nn.Parameter(torch.zeros(1, max_frames, dim))
+        else:
+            table = sincos_1d(max_frames, dim)[None] if pos_embed == "sincos" else None
+            self.register_buffer("pos_embed", table, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type,
@@ -102,13 +107,15 @@ class SpeechRecognizer(nn.Module):
         self.head = nn.Linear(dim, vocab_size)
         self.logits_probe = Probe("logits")
         self.apply(init_weights)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, lengths = self.subsampling(features, lengths)  # (B, T', D), (B,)
-        if self.pos_embed is not None:
+        if self.pos_embed is not None:  # utterances are right-padded: frame t of each is at position t
             if x.shape[1] > self.pos_embed.shape[1]:
                 raise ValueError(f"{x.shape[1]} frames exceed model.max_frames={self.pos_embed.shape[1]}.")
-            x = x + self.pos_embed[:, : x.shape[1]]
+            x = x + self.pos_embed[:, : x.shape[1]]  # (B, T', D)
         x = self.dropout(x)
         padding = Padding.of(lengths, x.shape[1])  # once per batch, shared by every layer
         real = padding.real[..., None].to(x.dtype)  # (B, T', 1): 1 at real frames

@@ -28,7 +28,8 @@ import pytest
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROOT = README.parent
 CAPS = {"trainer.max_steps": "2", "trainer.eval_every": "0", "trainer.progress": "false"}
-CAPS_BY_FAMILY = {"lm": {"data.eval_max_tokens": "4096", "task.sample_tokens": "8"}}
+CAPS_BY_FAMILY = {"lm": {"data.eval_max_tokens": "4096", "task.sample_tokens": "8"},
+                  "asr": {"data.eval_splits": "[test]"}}  # fmt: skip
 COMPOSE_ONLY = {  # what the command needs that this machine lacks
     "torchrun": "several GPUs or machines",
     "/data/": "a dataset at /data",
