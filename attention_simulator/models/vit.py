@@ -13,6 +13,18 @@ from ..errors import ConfigError
 from .block import TransformerBlock, drop_path_rates, init_weights
 
 
+def patch_grid(img_size: int, patch_size: int) -> int:
+    """Patches per side of an image cut into non-overlapping patch_size × patch_size patches."""
+    if img_size % patch_size:
+        raise ConfigError(f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}.")
+    return img_size // patch_size
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p·p·C): the patches in raster order, each flattened row by row."""
+    return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
 class VisionTransformer(nn.Module):
     """images (B, C, H, W) -> logits (B, num_classes)."""
 
@@ -37,14 +49,12 @@ class VisionTransformer(nn.Module):
         activation_checkpointing: bool = False,
     ):
         super().__init__()
-        if img_size % patch_size:
-            raise ConfigError(f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}.")
         if pool not in ("cls", "avg"):
             raise ConfigError(f"model.pool={pool!r}: use 'cls' (class token) or 'avg' (global average pooling).")
         if pos_embed not in ("learned", "sincos", "none"):
             raise ConfigError(f"model.pos_embed={pos_embed!r}: use 'learned', 'sincos' or 'none'.")
         self.patch_size, self.pool = patch_size, pool
-        grid = img_size // patch_size
+        grid = patch_grid(img_size, patch_size)
         self.patch_embed = nn.Linear(in_chans * patch_size**2, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         if pos_embed == "learned":
@@ -70,8 +80,7 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, p*p*C)
+        x = patchify(images, self.patch_size)  # (B, N, p*p*C)
         x = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
