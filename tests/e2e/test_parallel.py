@@ -16,20 +16,21 @@ LM = ["+experiment=lm_sigmoid", "data.seq_len=64", "data.eval_seq_lens=[64]", "d
 FULL = ["diagnostics=full", "diagnostics.every_n_steps=1"]
 
 
-def table(run_dir, prefixes=()):
+def table(run_dir, prefixes=(), skip=()):
     frame = pd.read_parquet(run_dir / "metrics.parquet").set_index("step")
     columns = ["train/loss", "train/grad_norm", "train/grad_norm_clipped", "eval/loss", "eval/bits_per_byte"]
     # (not eval_*: the first evaluation batch each process records differs with the process count)
-    columns += [c for c in frame.columns if c.startswith(prefixes) and "/eval_" not in c]
+    columns += [c for c in frame.columns if c.startswith(prefixes) and "/eval_" not in c and not c.endswith(skip)]
     return frame[columns]
 
 
-def assert_same_training(run_dir, reference_dir, prefixes):
+def assert_same_training(run_dir, reference_dir, prefixes, skip=()):
     """Losses, global gradient norms and evaluation to 1e-5; per-parameter and optimizer-state
-    norms and per-layer statistics (each a small sum, taken in another order) to 1e-4."""
+    norms and per-layer statistics (each a small sum, taken in another order) to 1e-4; the
+    statistics named in `skip` are left out."""
     pd.testing.assert_frame_equal(table(run_dir), table(reference_dir), rtol=1e-5)
-    detail = table(run_dir, prefixes)
-    reference = table(reference_dir, prefixes)
+    detail = table(run_dir, prefixes, skip)
+    reference = table(reference_dir, prefixes, skip)
     assert sorted(detail.columns) == sorted(reference.columns) and len(detail.columns) > 5 + 20
     pd.testing.assert_frame_equal(detail, reference[detail.columns], rtol=1e-4)
 
@@ -96,4 +97,5 @@ def test_long_context_preset_with_context_parallel_matches_one_process(tmp_path)
                  f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env_extra=ONE_THREAD))  # fmt: skip
     prefixes = ("param/", "grad/", "opt/", "attn/", "resid/")
     assert any(c.startswith("attn/") and c.endswith("mass_mean") for c in table(tmp_path / "one", prefixes))
-    assert_same_training(tmp_path / "cp", tmp_path / "one", prefixes)
+    # the largest attention logit is not recorded under context parallelism (README: Norm diagnostics)
+    assert_same_training(tmp_path / "cp", tmp_path / "one", prefixes, skip=("logit_max",))
