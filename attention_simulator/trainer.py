@@ -341,6 +341,7 @@ class Trainer:
             self.loss_scale = optorch.load_state_dict(self.loss_scale, state["loss_scale"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.batches_consumed = state["data_position"]  # global batches: each process drew one of each
+        self.data.load_state_dict(state["data"], self.world.rank, self.world.world_size)
         saved_world = state.get("world_size", 1)
         if saved_world != self.world.world_size and self.world.is_main:
             log.warning(

@@ -203,3 +203,6 @@ class ImageData:
 
     def state_dict(self) -> dict:
         return {}
+
+    def load_state_dict(self, state: dict, rank: int = 0, world_size: int = 1):
+        """Nothing to restore: a batch is a function of its position (trainer's data_position)."""

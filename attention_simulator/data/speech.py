@@ -185,6 +185,9 @@ class SpeechData:
     def state_dict(self) -> dict:
         return {}
 
+    def load_state_dict(self, state: dict, rank: int = 0, world_size: int = 1):
+        """Nothing to restore: a batch is a function of its position (trainer's data_position)."""
+
     def _batch(self, rows, generators, train: bool) -> dict:
         features, targets, transcripts = [], [], []
         for audio, text, g in zip(rows["audio"], rows["text"], generators):

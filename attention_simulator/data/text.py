@@ -7,26 +7,27 @@ or a folder of .txt files, one document each).
 
 Each split is tokenised once into a flat token stream (documents joined by the end-of-document
 token) stored as a memory-mapped file in 🤗 datasets' cache, keyed by the split's and the
-tokenizer's fingerprints; blocks are windows of that stream, so no padding is computed and a
-corpus larger than memory works.
+tokenizer's fingerprints (`tokens.py`); blocks are windows of that stream, so no padding is
+computed and a corpus larger than memory works. A BPE is trained once on a sample of
+`tokenizer_train_docs` documents and cached the same way. With `streaming`, documents are read
+and tokenised as training goes (`streaming.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import datasets
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
+from ..distributed import gather_objects
 from ..errors import ConfigError, DatasetUnavailableError
 from .loader import EpochBatchSampler, KeyedDataset, check_batch_sizes, eval_batches, make_loader
 from .masking import BertMasking, MaskedBlocks, with_documents
 from .sources import load_from_hub, local_root
+from .streaming import PackedStream, Position, corpus_id, first_tokens
 from .tokenizers import build_tokenizer
+from .tokens import token_stream
 
 HUB = {  # name -> (Hub id, configuration, train split, validation split)
     "tiny_shakespeare": ("karpathy/tiny_shakespeare", None, "train", "validation"),
@@ -47,17 +48,22 @@ def load_pydoc() -> datasets.DatasetDict:
     )
 
 
-def _by_document(dataset: datasets.Dataset) -> datasets.DatasetDict:
+def _by_document(dataset):
     """One split into train / validation: every 20th document is validation."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return {"train": dataset.filter(lambda _, i: i % 20 != 10, with_indices=True),
+                "validation": dataset.filter(lambda _, i: i % 20 == 10, with_indices=True)}  # fmt: skip
     index = np.arange(len(dataset))
     return datasets.DatasetDict(
         {"train": dataset.select(index[index % 20 != 10]), "validation": dataset.select(index[10::20])}
     )
 
 
-def load_text_dataset(name: str, path: str | None) -> datasets.DatasetDict:
+def load_text_dataset(name: str, path: str | None, streaming: bool = False):
+    """{"train", "validation"}: datasets, or with `streaming` 🤗 IterableDatasets read as they go."""
     if name == "pydoc" and path is None:
-        return load_pydoc()
+        loaded = load_pydoc()
+        return {s: d.to_iterable_dataset() for s, d in loaded.items()} if streaming else loaded
     if name not in HUB and path is None:
         raise ConfigError(f"data.name={name!r} is not a text dataset; choose pydoc, {', '.join(HUB)} or set data.path.")
     how_to = (
@@ -68,32 +74,28 @@ def load_text_dataset(name: str, path: str | None) -> datasets.DatasetDict:
         root = local_root(name, path, how_to)
         if (root / "dataset_dict.json").exists():
             loaded = datasets.load_from_disk(str(root))
+            if streaming:
+                loaded = {s: d.to_iterable_dataset(num_shards=max(1, len(d.cache_files))) for s, d in loaded.items()}
             return loaded if "validation" in loaded else _by_document(loaded["train"])
         files = sorted(str(p) for p in root.rglob("*.txt"))
         if not files:
             raise DatasetUnavailableError(f"Dataset {name!r}: no .txt files under data.path={str(root)!r}. {how_to}.")
-        return _by_document(datasets.load_dataset("text", data_files=files, sample_by="document", split="train"))
+        text = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=streaming)
+        return _by_document(text)
     hub_id, config, train, validation = HUB[name]
-    loaded = load_from_hub(name, hub_id, config, how_to)
+    loaded = load_from_hub(name, hub_id, config, how_to, streaming)
     if validation is None:
         return _by_document(loaded[train])
-    return datasets.DatasetDict({"train": loaded[train], "validation": loaded[validation]})
+    return {"train": loaded[train], "validation": loaded[validation]}
 
 
-def token_stream(split: datasets.Dataset, tokenizer, what: str) -> np.ndarray:
-    """The split's documents as one token stream, each followed by EOS (a cached memmap)."""
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "attention_simulator" / "tokens"
-    key = hashlib.sha1(f"{split._fingerprint}-{tokenizer.fingerprint}".encode()).hexdigest()[:20]
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    path = cache / f"{key}.{np.dtype(dtype).name}"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            for row in tqdm(split, desc=f"tokenising {what}", unit="doc", leave=False):
-                np.asarray(tokenizer.encode(row["text"]) + [tokenizer.eos_id], dtype=dtype).tofile(f)
-        os.replace(tmp, path)  # atomic: a half-written stream is never found
-    return np.memmap(path, dtype=dtype, mode="r")
+def sample_documents(split: datasets.Dataset, count: int, seed: int = 0):
+    """Batches of the texts of at most `count` documents: all of them if the split has no more,
+    else a seeded sample (in corpus order)."""
+    if len(split) > count:
+        split = split.select(np.sort(np.random.default_rng(seed).choice(len(split), count, replace=False)))
+    for batch in split.select_columns(["text"]).iter(batch_size=1000):
+        yield batch["text"]
 
 
 class PackedBlocks:
@@ -149,21 +151,44 @@ class TextData:
         num_workers: int = 0,
         masking: float | None = None,
         document_masks: bool = False,
+        tokenizer_train_docs: int = 100_000,
+        num_proc: int | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 0,
     ):
         if seq_len < 1:
             raise ConfigError(f"data.seq_len={seq_len} must be >= 1.")
         if masking is not None and not 0 < masking < 1:
             raise ConfigError(f"data.masking={masking}: the fraction of tokens to predict, in (0, 1); null = off.")
+        if streaming and masking is not None:
+            raise ConfigError("data.streaming=true gives next-token blocks; masked modelling (data.masking) reads a "
+                              "tokenised corpus: set data.streaming=false.")  # fmt: skip
+        counts = {"tokenizer_train_docs": tokenizer_train_docs, "num_proc": 1 if num_proc is None else num_proc}
+        for key, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"data.{key}={value} must be >= 1.")
         self.masking, self.document_masks = masking, document_masks
         check_batch_sizes(batch_size, eval_batch_size)
         self.name, self.seq_len = name, seq_len
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.eval_seq_lens = sorted(set(eval_seq_lens or [seq_len]) | {seq_len})
         self.eval_max_tokens = eval_max_tokens
-        self.splits = load_text_dataset(name, path)
-        texts = (row["text"] for row in self.splits["train"])
-        self.tokenizer = build_tokenizer(tokenizer, texts, vocab_size, tokenizer_name)
-        self.streams = {s: token_stream(self.splits[s], self.tokenizer, f"{name}/{s}") for s in ("train", "validation")}
+        self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
+        self.position: Position = (0, 0, 0)  # streaming: this process's place in its documents
+        self.splits = load_text_dataset(name, path, streaming)
+        train = self.splits["train"]
+        if streaming:  # a BPE learns from the stream's first documents
+            corpus = corpus_id(name, path, HUB.get(name))
+            documents = lambda: (b["text"] for b in train.take(tokenizer_train_docs).iter(batch_size=1000))
+        else:
+            corpus, documents = train._fingerprint, lambda: sample_documents(train, tokenizer_train_docs)
+        self.tokenizer = build_tokenizer(tokenizer, corpus, documents, vocab_size, tokenizer_train_docs, tokenizer_name)
+        if streaming:  # validation: the validation stream's first tokens, enough for every length
+            needed = eval_max_tokens + max(self.eval_seq_lens) + 1
+            self.streams = {"validation": first_tokens(self.splits["validation"], self.tokenizer, needed)}
+        else:
+            self.streams = {s: token_stream(self.splits[s], self.tokenizer, f"{name}/{s}", num_proc)
+                            for s in ("train", "validation")}  # fmt: skip
         if len(self.streams["validation"]) <= max(self.eval_seq_lens):
             raise ConfigError(
                 f"The {name!r} validation split has {len(self.streams['validation'])} tokens: too few for "
@@ -190,13 +215,45 @@ class TextData:
         return KeyedDataset(MaskedBlocks(stream, length, pad_id=eos, max_blocks=max_blocks), masking, seed)
 
     def state_dict(self) -> dict:
-        """Saved in checkpoints, so a run can be sampled from (attention_simulator.generate)."""
-        return {"tokenizer": self.tokenizer.to_json()}
+        """Saved in checkpoints: the tokenizer (a run can be sampled from, attention_simulator.generate)
+        and, streaming, every process's stream position (called on every process)."""
+        state = {"tokenizer": self.tokenizer.to_json()}
+        return state | ({"stream_positions": gather_objects(self.position)} if self.streaming else {})
+
+    def load_state_dict(self, state: dict, rank: int = 0, world_size: int = 1):
+        """A checkpoint's stream positions: this process continues where its predecessor stopped."""
+        if not self.streaming:
+            return
+        positions = state.get("stream_positions")
+        if positions is None:
+            raise ConfigError("data.streaming=true, but the checkpoint was saved by a run that read a tokenised "
+                              "corpus: resume it with data.streaming=false.")  # fmt: skip
+        if len(positions) != world_size:
+            raise ConfigError(
+                f"The checkpoint's stream positions are those of {len(positions)} processes, this run has "
+                f"{world_size}: each process streams its own share of the documents, so resume with "
+                f"{len(positions)} processes."
+            )
+        self.position = tuple(positions[rank])
 
     def train_loader(self, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        """Training batches from global batch `start` on (streaming: from `self.position`)."""
+        transform = _Batches(self.tokenizer.eos_id if self.document_masks else None)
+        if self.streaming:
+            blocks = PackedStream(self.splits["train"], self.tokenizer, self.seq_len, self.batch_size, self.position,
+                                  transform, rank, world_size, self.shuffle_buffer, seed)  # fmt: skip
+            return self._streamed(blocks)
         dataset = self._dataset("train", self.seq_len, seed)
         sampler = EpochBatchSampler(len(dataset), self.batch_size, seed, start, rank, world_size)
         return make_loader(dataset, sampler, self.num_workers)
+
+    def _streamed(self, blocks: PackedStream):
+        """The stream's batches; as each is taken, its end becomes this process's position."""
+        loader = DataLoader(blocks, batch_size=None, num_workers=min(self.num_workers, 1),  # one reader: one order
+                            pin_memory=torch.cuda.is_available(), generator=torch.Generator())  # fmt: skip
+        for batch in loader:
+            self.position = tuple(int(x) for x in batch.pop("position"))
+            yield batch
 
     def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
         """One loader per evaluation length; the training length's key is "" (eval/loss), the

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attention_simulator.attention import AttentionConfig
-from attention_simulator.data.text import PackedBlocks, TextData, load_pydoc, token_stream
+from attention_simulator.data.text import PackedBlocks, TextData, load_pydoc
 from attention_simulator.data.tokenizers import BPETokenizer, ByteTokenizer, tokenizer_from_json
 from attention_simulator.errors import ConfigError, DatasetUnavailableError
 from attention_simulator.generation import generate_batch, generate_ids, sample_next
@@ -32,20 +32,6 @@ def test_packing_uses_every_token_once_and_shifts_targets():
     assert torch.equal(batch["inputs"].flatten(), torch.arange(len(blocks) * 64))  # each token once, in order
     assert torch.equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
     assert torch.equal(batch["targets"][:, -1], batch["inputs"][:, -1] + 1)  # the next block's first token
-
-
-def test_token_stream_joins_documents_with_eos_and_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path))
-    split = load_pydoc()["validation"]
-    tokenizer = ByteTokenizer()
-    stream = token_stream(split, tokenizer, "test")
-    expected = [b for text in split["text"] for b in [*text.encode("utf-8"), 256]]
-    assert stream.tolist() == expected
-    cached = list((tmp_path / "attention_simulator" / "tokens").iterdir())
-    assert len(cached) == 1
-    mtime = cached[0].stat().st_mtime_ns
-    token_stream(split, tokenizer, "test")  # the second build reads the cache
-    assert cached[0].stat().st_mtime_ns == mtime
 
 
 def test_pydoc_split_is_by_document_and_disjoint():

@@ -96,3 +96,25 @@ def test_compiled_training_matches_eager(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         compiled, eager = pool.map(run, ("true", "false"))
     pd.testing.assert_frame_equal(compiled, eager, rtol=1e-4)
+
+
+def test_streamed_text_over_two_processes_with_accumulation_resumes_exactly(tmp_path):
+    """data.streaming under torchrun: each process streams its own documents, its position is in
+    the checkpoint, and a run split over two jobs equals an uninterrupted one, bit for bit; a
+    resume with another process count is refused at start-up, naming the count to use."""
+    common = ["+experiment=lm_sigmoid", "model=lm_tiny", "data.streaming=true", "data.batch_size=2",
+              "data.seq_len=64", "data.eval_max_tokens=1024", "data.eval_seq_lens=[64]", "trainer.grad_accum=2",
+              "attention.attn_drop=0.1", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=1",
+              "trainer.progress=false", "diagnostics=off", "task.sample_prompts=[]", "logger.wandb=false"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for extra, run_dir in (([], straight), (["trainer.run_steps=2"], split), (["trainer.resume=auto"], split)):
+        result = torchrun(*common, *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    columns = ["train/loss", "eval/loss"]
+    frames = [pd.read_parquet(d / "metrics.parquet").set_index("step")[columns] for d in (straight, split)]
+    pd.testing.assert_frame_equal(*frames, rtol=0, atol=0)
+    positions = load_checkpoint(list_checkpoints(split / "checkpoints")[-1])["data"]["stream_positions"]
+    assert positions == [(0, 0, 4 * 2 * 2 * 64)] * 2  # 4 steps × 2 micro-batches × 2 × 64 tokens of each first document
+
+    result = run_train(*common, "trainer.max_steps=6", "trainer.resume=auto", f"hydra.run.dir={split}", cwd=tmp_path)
+    assert result.returncode != 0 and "resume with 2 processes" in result.stdout + result.stderr
