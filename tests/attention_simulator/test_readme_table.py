@@ -1,10 +1,10 @@
-"""README's option × backend table says what the backend registry says."""
+"""The documented option × backend table (docs/attention.md) says what the backend registry says."""
 
 from pathlib import Path
 
 from attention_simulator.attention.backends import BACKENDS
 
-ROWS = {  # README row prefix -> the capability it documents
+ROWS = {  # table row prefix -> the capability it documents
     "`causal`": "causal",
     "`window: N`": "window",
     "`position: alibi`": "alibi",
@@ -17,12 +17,12 @@ ROWS = {  # README row prefix -> the capability it documents
 
 
 def test_table_matches_the_registry():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    lines = readme.split("## Attention options")[1].split("\n| ")
+    page = (Path(__file__).parents[2] / "docs" / "attention.md").read_text()
+    lines = page.split("# Attention options")[1].split("\n| ")
     header = [c.strip() for c in lines[1].split("|")[1:-1]]
     for prefix, option in ROWS.items():
         row = next(line for line in lines if line.startswith(prefix))
         cells = dict(zip(header, (c.strip() for c in row.split(" | ")[1:])))
         for backend, info in BACKENDS.items():
             documented = not cells[backend].rstrip(" |").startswith("error")
-            assert documented == (option in info.supports), f"README row {prefix!r}, column {backend!r}"
+            assert documented == (option in info.supports), f"docs/attention.md row {prefix!r}, column {backend!r}"

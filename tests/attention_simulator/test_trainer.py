@@ -112,7 +112,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("precision", ["fp16"])  # bf16: README's command (tests/e2e/test_readme.py), torchrun's
+@pytest.mark.parametrize("precision", ["fp16"])  # bf16: a documented command (tests/e2e/test_readme.py), torchrun's
 def test_low_precision_trains(precision, tmp_path):
     train(
         tmp_path,

@@ -97,5 +97,5 @@ def test_long_context_preset_with_context_parallel_matches_one_process(tmp_path)
                  f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env_extra=ONE_THREAD))  # fmt: skip
     prefixes = ("param/", "grad/", "opt/", "attn/", "resid/")
     assert any(c.startswith("attn/") and c.endswith("mass_mean") for c in table(tmp_path / "one", prefixes))
-    # the largest attention logit is not recorded under context parallelism (README: Norm diagnostics)
+    # the largest attention logit is not recorded under context parallelism (docs/diagnostics.md)
     assert_same_training(tmp_path / "cp", tmp_path / "one", prefixes, skip=("logit_max",))

@@ -1,6 +1,7 @@
-"""README's code blocks, run as written in one fresh working directory, in README's order.
+"""The documented code blocks, run as written in one fresh working directory, in the order a
+reader meets them: README.md, then the documentation pages in mkdocs.yml's nav order.
 
-Every `python -m ...`, `torchrun ...` and `python scripts/...` command of README's bash blocks
+Every `python -m ...`, `torchrun ...` and `python scripts/...` command of their bash blocks
 runs with step caps (a command's own value of a capped key is replaced, never duplicated) and
 must exit 0; placeholders (`outputs/NAME/RUN`, a dated multirun folder, `step_0002000.pt`) are
 the newest runs the earlier commands made. What needs hardware or data this machine lacks (a
@@ -8,7 +9,8 @@ GPU cluster, /data/..., SLURM, the network) is composed instead (`--cfg job`): t
 config must still be valid; `gpu_check.sh` is syntax-checked, and `inspect_kernels.py`,
 whose compilations test_kernel_cost.py runs and asserts on, prints its help. Every Python
 block runs as a script. Set-up and the test suite itself (the two commands of the first
-block's second line and the Tests section) are skipped.
+block's second line and the Tests section) are skipped; a command shown on several pages (the
+quick start) runs once, where it first appears.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-ROOT = README.parent
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 CAPS = {"trainer.max_steps": "2", "trainer.eval_every": "0", "trainer.progress": "false"}
 CAPS_BY_FAMILY = {"lm": {"data.eval_max_tokens": "4096", "task.sample_tokens": "8"},
                   "asr": {"data.eval_splits": "[test]"}}  # fmt: skip
@@ -37,9 +40,24 @@ COMPOSE_ONLY = {  # what the command needs that this machine lacks
 }
 
 
+def nav_pages(nav) -> list[str]:
+    """mkdocs.yml's nav flattened in order: `- page.md`, `- Title: page.md`, nested sections."""
+    if isinstance(nav, str):
+        return [nav] if nav.endswith(".md") else []  # not an external link
+    items = nav.values() if isinstance(nav, dict) else nav
+    return [page for item in items for page in nav_pages(item)]
+
+
+def documentation() -> str:
+    """README.md, then every page of the documentation site in nav order."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    docs = ROOT / config.get("docs_dir", "docs")
+    return "\n".join(path.read_text() for path in [README, *(docs / page for page in nav_pages(config["nav"]))])
+
+
 def shell_commands() -> list[str]:
-    """README's bash commands: continuation lines joined, comments dropped, `a && b` split."""
-    text = README.read_text()
+    """The bash commands: continuation lines joined, comments dropped, `a && b` split, repeats dropped."""
+    text = documentation()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -47,16 +65,16 @@ def shell_commands() -> list[str]:
             if not line or line.startswith("#"):
                 continue
             commands += [part.strip() for part in line.split("&&")]
-    return [c for c in commands if c != "bash setup.bash" and "pytest" not in c]
+    return list(dict.fromkeys(c for c in commands if c != "bash setup.bash" and "pytest" not in c))
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", documentation(), re.S)
 
 
 def newest(pattern: str, cwd: Path) -> str:
     found = sorted(cwd.glob(pattern), key=os.path.getmtime)
-    assert found, f"no {pattern} in {cwd}: an earlier README command should have made it"
+    assert found, f"no {pattern} in {cwd}: an earlier documented command should have made it"
     return str(found[-1].relative_to(cwd))
 
 
@@ -100,9 +118,11 @@ def how_to_run(command: str) -> tuple[list[str], str]:
         return [*python, str(ROOT / args[1]), "--help"], "--help (test_kernel_cost.py runs it)"
     if "gpu_check.sh" in command:
         return ["bash", "-n", str(ROOT / args[1])], "syntax (it needs a GPU)"
+    if "bench_data.py" in command:  # the whole benchmark on a 2 MB corpus, not 100 MB
+        return [*python, str(ROOT / args[1]), *args[2:], "--mb", "2"], "run on a 2 MB corpus"
     if "attention_simulator.train" in args:
         return [*python, *capped(args[1:])], "run, capped"
-    if args[1].startswith("scripts/"):  # README's scripts are the checkout's
+    if args[1].startswith("scripts/"):  # the documented scripts are the checkout's
         return [*python, str(ROOT / args[1]), *args[2:]], "run"
     return [*python, *args[1:]], "run"
 
@@ -122,7 +142,7 @@ COMMANDS = shell_commands()
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Every command in README order, in two lanes that share nothing: the sweeps (and
+    """Every command in the documentation's order, in two lanes that share nothing: the sweeps (and
     collect_sweep, which reads the newest of them), and the rest."""
     cwd = tmp_path_factory.mktemp("readme")
     # W&B off (its offline runs are tested elsewhere): it costs seconds per run and changes nothing here
@@ -145,13 +165,34 @@ def test_readme_command(results, command):
 
 
 def test_readme_covers_the_documented_workflows():
-    """The parser sees the commands a reader sees (a guard against a README edit that hides them)."""
+    """The parser sees the commands a reader sees, README's and the pages' (a guard against an edit
+    or a nav change that hides them)."""
     joined = "\n".join(COMMANDS)
     for expected in ("+experiment=vit_sigmoid", "attention_simulator.generate", "scripts/eval_lengths.py",
                      "+sweep=softmax_vs_sigmoid", "hydra/launcher=submitit_local", "scripts/collect_sweep.py",
                      "scripts/compare_runs.py", "torchrun"):  # fmt: skip
         assert expected in joined
-    assert len(python_blocks()) == 2
+    assert len(python_blocks()) == 2  # flash_sigmoid's and optorch's
+
+
+def made_by(command: str) -> str | None:
+    """Where a training command that really runs puts its run: outputs/NAME, multirun/NAME, ..."""
+    args = shlex.split(command)
+    if "attention_simulator.train" not in args or any(marker in command for marker in COMPOSE_ONLY):
+        return None
+    overrides = dict(a.split("=", 1) for a in args if "=" in a)
+    if "-m" in args[args.index("attention_simulator.train") + 1 :] or "+sweep" in overrides:
+        return f"multirun/{overrides['+experiment']}"
+    run_dir = overrides.get("hydra.run.dir")
+    return str(Path(run_dir).parent) if run_dir else f"outputs/{overrides['+experiment']}"
+
+
+def test_placeholders_refer_to_runs_made_earlier():
+    """Pages are read in nav order, so moving a section can reorder commands: every run a command
+    refers to (`outputs/NAME/RUN`, `multirun/NAME/<date>`) must be made by a command before it."""
+    for i, command in enumerate(COMMANDS):
+        for folder in re.findall(r"((?:outputs|multirun)/\w+)/(?:RUN|\d{4}-)", command):
+            assert folder in {made_by(c) for c in COMMANDS[:i]}, f"nothing before it makes {folder}: {command}"
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def final_accuracy(run_dir: Path) -> float:
     return pd.read_parquet(run_dir / "metrics.parquet")["eval/accuracy"].dropna().iloc[-1]
 
 
-@pytest.mark.parametrize("launcher", ["basic"])  # submitit_local: README's own sweep (tests/e2e/test_readme.py)
+@pytest.mark.parametrize("launcher", ["basic"])  # submitit_local: the documented sweep (tests/e2e/test_readme.py)
 def test_multirun_then_collect_sweep(tmp_path, launcher):
     sweep_dir = tmp_path / "sweep"
     extra = ["logger.wandb=true"] if launcher == "basic" else ["hydra/launcher=submitit_local"]

@@ -1,4 +1,4 @@
-"""The training command's --help, as a user runs it (README's commands: tests/e2e/test_readme.py)."""
+"""The training command's --help, as a user runs it (the documented commands: tests/e2e/test_readme.py)."""
 
 import os
 import subprocess
