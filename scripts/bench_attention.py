@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flash_sigmoid import flash_attn_func  # noqa: E402
-from flash_sigmoid.reference import reference_attention  # noqa: E402
+from flash_sigmoid import flash_attn_func
+from flash_sigmoid.reference import reference_attention
 
 
 def contenders(device: str) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +20,9 @@ from pathlib import Path
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import optorch  # noqa: E402
-from attention_simulator.config import CONFIG_DIR  # noqa: E402
-from attention_simulator.train import make_trainer  # noqa: E402
+import optorch
+from attention_simulator.config import CONFIG_DIR
+from attention_simulator.train import make_trainer
 
 QUIET = ["logger.wandb=false", "logger.console=false", "trainer.progress=false", "trainer.eval_every=0"]
 VARIANTS = {

@@ -22,13 +22,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from compare_runs import markdown_table  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from compare_runs import markdown_table
+from omegaconf import OmegaConf
 
-from attention_simulator.cli import exit_on_user_error  # noqa: E402
-from attention_simulator.errors import ConfigError  # noqa: E402
+from attention_simulator.cli import exit_on_user_error
+from attention_simulator.errors import ConfigError
 
 SEED = "trainer.seed"
 

@@ -18,14 +18,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attention_simulator.cli import exit_on_user_error  # noqa: E402
-from attention_simulator.diagnostics.report import LAYER_PANELS, LIPSCHITZ_PANELS, layer_columns  # noqa: E402
-from attention_simulator.errors import ConfigError  # noqa: E402
+from attention_simulator.cli import exit_on_user_error
+from attention_simulator.diagnostics.report import LAYER_PANELS, LIPSCHITZ_PANELS, layer_columns
+from attention_simulator.errors import ConfigError
 
 PER_LAYER = [p for p, _ in LAYER_PANELS]  # averaged over layers into '.../layer_mean/...' columns
 LIPSCHITZ = [p for patterns, _ in LIPSCHITZ_PANELS for p in patterns if p]  # the same, logged at evaluations

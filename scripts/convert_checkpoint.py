@@ -14,15 +14,13 @@ complete; an existing one is replaced only with --force.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attention_simulator.checkpoint import is_sharded, load_checkpoint, save_checkpoint, save_sharded  # noqa: E402
-from attention_simulator.cli import exit_on_user_error  # noqa: E402
-from attention_simulator.errors import ConfigError  # noqa: E402
+from attention_simulator.checkpoint import is_sharded, load_checkpoint, save_checkpoint, save_sharded
+from attention_simulator.cli import exit_on_user_error
+from attention_simulator.errors import ConfigError
 
 
 def convert(src: Path, dst: Path, force: bool = False) -> dict:

@@ -10,17 +10,15 @@ so a bias mode can be compared beyond the training length without retraining.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attention_simulator.checkpoint import latest_valid, load_checkpoint  # noqa: E402
-from attention_simulator.cli import exit_on_user_error  # noqa: E402
-from attention_simulator.errors import ConfigError  # noqa: E402
-from attention_simulator.train import make_trainer  # noqa: E402
+from attention_simulator.checkpoint import latest_valid, load_checkpoint
+from attention_simulator.cli import exit_on_user_error
+from attention_simulator.errors import ConfigError
+from attention_simulator.train import make_trainer
 
 QUIET = ["logger.wandb=false", "logger.parquet=false", "logger.console=false", "diagnostics.every_n_steps=0",
          "task.sample_prompts=[]"]  # fmt: skip

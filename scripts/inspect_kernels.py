@@ -23,18 +23,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from flash_sigmoid import triton_kernels as tk  # noqa: E402
+from flash_sigmoid import triton_kernels as tk
 
 KERNELS = {"fwd": tk._fwd_kernel, "bwd_dq": tk._bwd_dq_kernel, "bwd_dkdv": tk._bwd_dkdv_kernel}
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block with opt-in (CUDA programming guide)
