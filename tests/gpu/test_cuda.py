@@ -1,7 +1,8 @@
 """Every CUDA branch, for a machine with a GPU: `python -m pytest -m gpu` (skipped without one).
 
 The Triton kernels against the brute-force reference on the device, flash-attn's backend when
-installed, the trainer in bf16 and fp16 with CUDA random states resumed exactly, padded
+installed, the trainer in bf16 and fp16 with CUDA random states resumed exactly (streamed text
+too), padded
 training steps that never synchronise, NCCL with two GPUs (DDP, FSDP2 with context parallelism
 and the Triton kernel per ring block), optorch on sharded parameters, and offsets past 2³¹
 elements.
@@ -125,6 +126,24 @@ def test_trainer_on_cuda_resumes_exactly_with_dropout(precision, tmp_path):
     state = torch.load(list_checkpoints(tmp_path / "split" / "checkpoints")[-1], weights_only=True)
     assert state["rng"][0]["cuda"]  # the CUDA generator's state is saved and restored
     assert rows["straight"]["train/loss"].dropna().iloc[-1] < rows["straight"]["train/loss"].dropna().iloc[0]
+
+
+def test_streamed_text_on_cuda_from_a_loader_worker_resumes_exactly(tmp_path):
+    """data.streaming on the device: batches tokenised in a loader worker, pinned, and the stream
+    position kept through a split run."""
+    common = ["+experiment=lm_sigmoid", *CUDA, "trainer.precision=bf16", "data.streaming=true", "data.num_workers=1",
+              "data.batch_size=8", "data.seq_len=128", "data.eval_max_tokens=4096", "attention.attn_drop=0.1",
+              "trainer.max_steps=8", "trainer.eval_every=4", "task.sample_prompts=[]"]  # fmt: skip
+    train(tmp_path / "straight", *common)
+    train(tmp_path / "split", *common, "trainer.run_steps=4")
+    train(tmp_path / "split", *common, "trainer.resume=auto")
+    rows = {d: pd.read_parquet(tmp_path / d / "metrics.parquet") for d in ("straight", "split")}
+    pd.testing.assert_series_equal(rows["straight"]["train/loss"], rows["split"]["train/loss"])
+    from attention_simulator.data.text import TextData
+
+    data = TextData(streaming=True, num_workers=1, seq_len=128, batch_size=8)
+    batch = next(iter(data.train_loader(seed=0)))
+    assert batch["inputs"].is_pinned() and data.position[0] == 0 and sum(data.position[1:]) > 0
 
 
 @pytest.mark.parametrize("backend", ["softmax", "sigmoid", "flash_softmax", "flash_sigmoid"])
