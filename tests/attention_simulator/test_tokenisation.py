@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import pytest
 
-from attention_simulator.data import tokenizers, tokens
+from attention_simulator.data import tokens
 from attention_simulator.data.text import TextData, load_pydoc
 from attention_simulator.data.tokenizers import BPETokenizer, ByteTokenizer
 from attention_simulator.data.tokens import token_stream
@@ -205,8 +205,3 @@ def test_stale_leftovers_of_live_processes_are_kept(cache):
     dead.mkdir()
     token_stream(split, ByteTokenizer(), "test")
     assert live.exists() and not dead.exists()
-
-
-def test_tokenizers_module_keeps_its_cache_under_the_project_folder(cache):
-    tokenizers.trained_bpe("corpus", lambda: iter([["a b c"] * 10]), 300, 10)
-    assert len(list(cache.glob("tokenizers/*.json"))) == 1

@@ -114,15 +114,21 @@ def test_flash_attn_backend_matches_the_brute_force():
         check_backends(["flash_softmax"], causal, None, padded, "alibi", 2)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_trainer_on_cuda_resumes_exactly_with_dropout(precision, tmp_path):
-    common = ["+experiment=vit_sigmoid", *CUDA, f"trainer.precision={precision}", "trainer.max_steps=8",
-              "model.drop_path=0.2", "attention.attn_drop=0.1", "data.batch_size=32"]  # fmt: skip
+def straight_and_split(tmp_path, *common: str) -> dict[str, pd.DataFrame]:
+    """An 8-step run, and the same run stopped at step 4 and resumed; their losses must agree."""
     train(tmp_path / "straight", *common)
     train(tmp_path / "split", *common, "trainer.run_steps=4")
     train(tmp_path / "split", *common, "trainer.resume=auto")
     rows = {d: pd.read_parquet(tmp_path / d / "metrics.parquet") for d in ("straight", "split")}
     pd.testing.assert_series_equal(rows["straight"]["train/loss"], rows["split"]["train/loss"])
+    return rows
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_trainer_on_cuda_resumes_exactly_with_dropout(precision, tmp_path):
+    rows = straight_and_split(tmp_path, "+experiment=vit_sigmoid", *CUDA, f"trainer.precision={precision}",
+                              "trainer.max_steps=8", "model.drop_path=0.2", "attention.attn_drop=0.1",
+                              "data.batch_size=32")  # fmt: skip
     state = torch.load(list_checkpoints(tmp_path / "split" / "checkpoints")[-1], weights_only=True)
     assert state["rng"][0]["cuda"]  # the CUDA generator's state is saved and restored
     assert rows["straight"]["train/loss"].dropna().iloc[-1] < rows["straight"]["train/loss"].dropna().iloc[0]
@@ -131,14 +137,10 @@ def test_trainer_on_cuda_resumes_exactly_with_dropout(precision, tmp_path):
 def test_streamed_text_on_cuda_from_a_loader_worker_resumes_exactly(tmp_path):
     """data.streaming on the device: batches tokenised in a loader worker, pinned, and the stream
     position kept through a split run."""
-    common = ["+experiment=lm_sigmoid", *CUDA, "trainer.precision=bf16", "data.streaming=true", "data.num_workers=1",
-              "data.batch_size=8", "data.seq_len=128", "data.eval_max_tokens=4096", "attention.attn_drop=0.1",
-              "trainer.max_steps=8", "trainer.eval_every=4", "task.sample_prompts=[]"]  # fmt: skip
-    train(tmp_path / "straight", *common)
-    train(tmp_path / "split", *common, "trainer.run_steps=4")
-    train(tmp_path / "split", *common, "trainer.resume=auto")
-    rows = {d: pd.read_parquet(tmp_path / d / "metrics.parquet") for d in ("straight", "split")}
-    pd.testing.assert_series_equal(rows["straight"]["train/loss"], rows["split"]["train/loss"])
+    straight_and_split(tmp_path, "+experiment=lm_sigmoid", *CUDA, "trainer.precision=bf16", "data.streaming=true",
+                       "data.num_workers=1", "data.batch_size=8", "data.seq_len=128", "data.eval_max_tokens=4096",
+                       "attention.attn_drop=0.1", "trainer.max_steps=8", "trainer.eval_every=4",
+                       "task.sample_prompts=[]")  # fmt: skip
     from attention_simulator.data.text import TextData
 
     data = TextData(streaming=True, num_workers=1, seq_len=128, batch_size=8)
