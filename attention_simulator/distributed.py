@@ -8,6 +8,7 @@ Without torchrun everything here is a no-op for a world of one.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -52,9 +53,28 @@ def join(device: str) -> tuple[World, str]:
     return world, device
 
 
-def leave():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave(clean: bool = True):
+    """Leave the process group so that the process can exit cleanly.
+
+    After a clean run every process first waits for the others (no process tears the group down
+    while another still talks to it); after a failure it does not, since the others may be inside
+    another collective. The group is then destroyed *and its worker threads joined* while Python
+    is still whole. destroy_process_group() alone does not join them: DTensor's sharding caches
+    keep every DeviceMesh alive, and a mesh keeps its process groups. A gloo worker that outlives
+    the interpreter's shutdown needs the GIL the moment it drops the last reference to a tensor
+    of a finished collective; Python ends such a thread inside C++ and the process dies with
+    "terminate called without an active exception" (SIGABRT), after a run that completed."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh):
+            getattr(obj, "_pg_registry", {}).clear()  # the destroyed groups, which nothing can use again
+    gc.collect()  # groups held in reference cycles (FSDP's state) are destroyed now, not at shutdown
 
 
 def sum_across(tensor: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .logs import to_log_files
 from .parallel import Parallel, check_context_parallel
 from .rundir import RunLock, save_configs, snapshot, undo_start
-from .tracking import Tracker
+from .tracking import Tracker, final_values
 from .trainer import Trainer
 
 log = logging.getLogger("attention_simulator.train")  # not __name__: this module runs as __main__
@@ -129,29 +129,40 @@ def continue_command(run_dir: Path) -> str:
     return " ".join(["python -m attention_simulator.train", *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
 
 
+def fit_and_report(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> float:
+    """Train, then (rank 0) write the report; the final evaluation of the task's main metric (NaN
+    on processes other than rank 0). The trainer, and the process groups its model holds, go
+    when this returns: before the process group is left."""
+    trainer = start(cfg, run_dir, lock).fit()
+    if not trainer.world.is_main:
+        return float("nan")
+    if trainer.step < trainer.cfg.max_steps:
+        log.info(
+            f"stopped at step {trainer.step} of {trainer.cfg.max_steps}: this job's share "
+            f"(trainer.run_steps={trainer.cfg.run_steps}) is done and checkpointed. Continue with\n"
+            f"  {continue_command(trainer.run_dir)}"
+        )
+    if trainer.cfg.report:
+        from .diagnostics.report import write_report  # matplotlib: imported when there is a report to draw
+
+        write_report(trainer.run_dir, main_metric=trainer.task.main_metric, name=cfg.name)
+    log.info(f"run dir: {trainer.run_dir}")
+    return final_values(trainer.run_dir / "metrics.parquet").get(f"eval/{trainer.task.main_metric}", float("nan"))
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train a composed config; return the final evaluation of the task's main metric (NaN on
     processes other than rank 0)."""
     lock = RunLock(run_dir) if launched_rank() == 0 else None
+    clean = False
     try:
-        trainer = start(cfg, run_dir, lock).fit()
-        if not trainer.world.is_main:
-            return float("nan")
-        if trainer.step < trainer.cfg.max_steps:
-            log.info(
-                f"stopped at step {trainer.step} of {trainer.cfg.max_steps}: this job's share "
-                f"(trainer.run_steps={trainer.cfg.run_steps}) is done and checkpointed. Continue with\n"
-                f"  {continue_command(trainer.run_dir)}"
-            )
-        from .diagnostics.report import write_report  # matplotlib: imported when there is a report to draw
-
-        final = write_report(trainer.run_dir, main_metric=trainer.task.main_metric, name=cfg.name)
-        log.info(f"run dir: {trainer.run_dir}")
-        return final.get(f"eval/{trainer.task.main_metric}", float("nan"))
+        final = fit_and_report(cfg, run_dir, lock)
+        clean = True
+        return final
     finally:
         if lock is not None:
             lock.release()
-        leave()
+        leave(clean)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

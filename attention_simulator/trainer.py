@@ -42,6 +42,7 @@ class TrainerConfig:
     seed: int = 0
     resume: str | None = None  # null | auto | PATH (a checkpoint file or a run directory)
     progress: bool = True
+    report: bool = True  # rank 0 draws report/*.png from metrics.parquet at the end of the run
     compile: bool = False  # torch.compile the model for training steps
     parallel: str = "ddp"  # ddp | fsdp: how the model is replicated over torchrun's processes
     reshard_after_forward: bool = True  # fsdp: free each block's gathered parameters after its forward

@@ -33,7 +33,7 @@ import optorch
 from attention_simulator.attention import Attention
 from attention_simulator.checkpoint_sharded import flatten
 from attention_simulator.config import CONFIG_DIR
-from attention_simulator.distributed import World
+from attention_simulator.distributed import World, leave
 from attention_simulator.parallel import Parallel
 from attention_simulator.train import build_model, build_optimizer
 
@@ -121,8 +121,7 @@ def worker(rank: int, world_size: int, what: str, mode: str, cp: int, args, out:
     parallel = Parallel.setup(world, device.type, mode, cp)
     result = (model_state if what == "model" else activations)(parallel, device, args)
     Path(out, f"{what}-{mode}-{cp}-{rank}.json").write_text(json.dumps(result))
-    if world_size > 1:
-        dist.destroy_process_group()
+    leave()
 
 
 def measure(what: str, mode: str, processes: int, cp: int, args, out: str) -> dict:

@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..tracking import final_values  # noqa: E402
+
 LAYER_PANELS = [  # (key pattern with {layer}, title)
     ("attn/{layer}/mass_mean", "attention mass Σ_j p_ij (mean over rows)"),
     ("attn_out/{layer}/norm_mean", "attention output norm (mean over tokens)"),
@@ -56,7 +58,7 @@ def write_report(run_dir: Path, main_metric: str, name: str | None = None) -> di
     _curves(frame, main_metric, title, out / "curves.png")
     _attention(frame, title, out / "attention.png")
     _lipschitz(frame, title, out / "lipschitz.png")
-    return {k: frame[k].dropna().iloc[-1] for k in frame.columns if k != "step" and frame[k].notna().any()}
+    return final_values(path)
 
 
 def _curves(frame, main_metric, title, path):

@@ -48,6 +48,14 @@ class ParquetSink:
         self.flush()
 
 
+def final_values(path: Path) -> dict[str, float]:
+    """The last logged value of every metric in a metrics.parquet (none if it does not exist)."""
+    if not Path(path).exists():
+        return {}
+    frame = pd.read_parquet(path)
+    return {k: frame[k].dropna().iloc[-1] for k in frame.columns if k != "step" and frame[k].notna().any()}
+
+
 class ConsoleSink:
     """Prints evaluation results (the progress bar shows training metrics)."""
 
