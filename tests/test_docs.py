@@ -22,6 +22,7 @@ def build(config: Path, site: Path) -> subprocess.CompletedProcess:
                           timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path):
     result = build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert result.returncode == 0, result.stderr[-5000:]
@@ -48,6 +49,7 @@ BROKEN = {  # name: (page, what is appended to it, what the build's errors must 
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, broken, named", BROKEN.values(), ids=list(BROKEN))
 def test_a_broken_reference_fails_the_build(copy, page, broken, named):
     with open(copy / "docs" / page, "a") as f:

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -20,6 +18,8 @@ from torch.distributed.tensor import DTensor
 
 from attention_simulator import checkpoint as ckpt
 from attention_simulator.errors import CheckpointError
+
+from ..helpers import spawn
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -110,33 +110,29 @@ def assert_placed_as(state: dict, template: dict):
 
 
 def _two_processes(rank: int, tmp: Path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp / "store"), 2), rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        template = make_state(sharded_params(1, mesh), 0)  # other values everywhere: loading must replace them
-        step = ckpt.checkpoint_path(tmp / "checkpoints", 100, sharded=True)
-        ckpt.save_sharded(step, make_state(sharded_params(0, mesh), 100))
-        for source in (step, tmp / "one.dcp", tmp / "whole.pt"):  # saved by 2 processes, by 1, a single file
-            state = ckpt.load_into(source, template)
-            assert_same(state, expected(0, 100))
-            assert_placed_as(state, template)
-
-        # the same step again, replaced whole; a loss scale the template lacks comes as saved
-        ckpt.save_sharded(step, make_state(sharded_params(2, mesh), 100, {"scale": torch.tensor(2.0**16)}))
-        state = ckpt.load_into(step, template)
-        assert_same(state, expected(2, 100, {"scale": torch.tensor(2.0**16)}))
+    mesh = init_device_mesh("cpu", (2,))
+    template = make_state(sharded_params(1, mesh), 0)  # other values everywhere: loading must replace them
+    step = ckpt.checkpoint_path(tmp / "checkpoints", 100, sharded=True)
+    ckpt.save_sharded(step, make_state(sharded_params(0, mesh), 100))
+    for source in (step, tmp / "one.dcp", tmp / "whole.pt"):  # saved by 2 processes, by 1, a single file
+        state = ckpt.load_into(source, template)
+        assert_same(state, expected(0, 100))
         assert_placed_as(state, template)
-        assert sorted(p.name for p in step.parent.iterdir()) == ["step_0000100.dcp"]
-        dist.barrier()  # no process tears the group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+
+    # the same step again, replaced whole; a loss scale the template lacks comes as saved
+    ckpt.save_sharded(step, make_state(sharded_params(2, mesh), 100, {"scale": torch.tensor(2.0**16)}))
+    state = ckpt.load_into(step, template)
+    assert_same(state, expected(2, 100, {"scale": torch.tensor(2.0**16)}))
+    assert_placed_as(state, template)
+    assert sorted(p.name for p in step.parent.iterdir()) == ["step_0000100.dcp"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sharded_checkpoints_load_at_any_process_count(tmp_path):
     ckpt.save_sharded(tmp_path / "one.dcp", expected(0, 100))  # one process, no process group
     ckpt.save_checkpoint(tmp_path / "whole.pt", expected(0, 100))
-    mp.spawn(_two_processes, args=(tmp_path,), nprocs=2)
+    spawn(_two_processes, tmp_path, tmp_path)
 
     # the 2-process checkpoint in this process, without a process group: into plain tensors, or as saved
     step = ckpt.checkpoint_path(tmp_path / "checkpoints", 100, sharded=True)

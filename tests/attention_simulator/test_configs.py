@@ -12,7 +12,7 @@ from attention_simulator.config import CONFIG_DIR, build
 from attention_simulator.errors import ConfigError, DatasetUnavailableError
 from attention_simulator.train import build_model, build_optimizer
 
-from .conftest import compose_config, train
+from ..helpers import compose_config, train
 
 GROUPS = ["task", "data", "model", "attention", "optimizer", "schedule", "logger", "trainer"]
 EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
@@ -76,6 +76,7 @@ UNDER_TORCHRUN = {"lm_sigmoid_long"}  # run by tests/e2e/test_parallel.py
 NEEDS_CHECKPOINT = {e for e in EXPERIMENTS if e.endswith("_probe")}  # run by test_mae.py from a pretraining
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(set(EXPERIMENTS) - IN_README - UNDER_TORCHRUN - NEEDS_CHECKPOINT))
 def test_experiment_smoke_runs(experiment, tmp_path):
     small_eval = ["data.eval_max_tokens=8192"] if experiment.startswith(("lm", "mlm")) else []

@@ -4,6 +4,7 @@ nothing when on; W&B and parquet carry the keys; the comparison and dashboard sc
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from attention_simulator.attention.masks import Padding
 from attention_simulator.diagnostics import Diagnostics, DiagnosticsConfig
 from attention_simulator.models.block import TransformerBlock
 
-from .conftest import train
+from ..helpers import train
 
 SCRIPTS = Path(__file__).parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -137,11 +138,14 @@ def test_wandb_offline_run_has_the_attention_keys(tmp_path, monkeypatch):
     assert {"attn/block_00/mass_mean", "resid/block_03/norm_mean"} <= set(pd.read_parquet(tmp_path / "metrics.parquet"))
 
 
-def test_compare_runs_writes_a_figure_and_a_table(tmp_path, capsys):
+TWENTY_STEPS = ["trainer.max_steps=20", "data.batch_size=32"]
+
+
+def test_compare_runs_writes_a_figure_and_a_table(tmp_path, capsys, trained):
     import compare_runs
 
-    for name in ("softmax", "sigmoid"):
-        train(tmp_path / name, f"+experiment=vit_{name}", "trainer.max_steps=20", "data.batch_size=32")
+    for name in ("softmax", "sigmoid"):  # copies: the table is named by folder
+        shutil.copytree(trained(f"+experiment=vit_{name}", *TWENTY_STEPS).dir, tmp_path / name)
     compare_runs.main([str(tmp_path / "softmax"), str(tmp_path / "sigmoid"), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert table[0].startswith("| run | train/loss | eval/loss | eval/accuracy | attn/layer_mean/mass_mean")
@@ -172,8 +176,8 @@ def test_dashboard_layout_builds_offline():
     assert not any(re.match(r, "attn/block_00/mass_meanx") for r in regexes)
 
 
-def test_report_figures_are_written(tmp_path):
-    train(tmp_path, "+experiment=vit_sigmoid", "trainer.max_steps=20", "data.batch_size=32")
+def test_report_figures_are_written(tmp_path, trained):
+    shutil.copytree(trained("+experiment=vit_sigmoid", *TWENTY_STEPS).dir, tmp_path, dirs_exist_ok=True)
     from attention_simulator.diagnostics.report import write_report
 
     final = write_report(tmp_path, "accuracy")

@@ -19,7 +19,7 @@ from attention_simulator.generation import generate_batch, generate_ids, sample_
 from attention_simulator.models.lm import DecoderLM
 from attention_simulator.tasks.language_modeling import LanguageModelingTask
 
-from .conftest import train
+from ..helpers import train
 
 TEXT = "Sigmoid attention — σ(q·k) — needs b = −log n.\nNaïve café, 東京."
 
@@ -151,10 +151,11 @@ def test_sampling_filters():
     assert sample_next(logits, 0.0, None, None) == 0
 
 
+@pytest.mark.slow
 def test_lm_learns_and_evaluates_at_several_lengths(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     train(tmp_path, "+experiment=lm_sigmoid", "trainer.max_steps=30", "trainer.eval_every=15", "data.batch_size=8",
-          "logger.wandb=true")  # fmt: skip
+          "logger.wandb=true", 'task.sample_prompts=["The ","A class "]')  # fmt: skip
     rows = pd.read_parquet(tmp_path / "metrics.parquet")
     loss = rows["train/loss"].dropna()
     assert loss.iloc[-1] < 0.8 * loss.iloc[0]
@@ -175,6 +176,7 @@ def test_lm_learns_and_evaluates_at_several_lengths(tmp_path, monkeypatch):
     assert table["data"][-2][2] == last["samples/0"]
 
 
+@pytest.mark.slow
 def test_generate_command(tmp_path):
     train(tmp_path, "+experiment=lm_flash_sigmoid", "trainer.max_steps=5", "data.batch_size=4")
     ckpt = tmp_path / "checkpoints" / "step_0000005.pt"

@@ -17,7 +17,7 @@ from attention_simulator.errors import ConfigError
 from attention_simulator.models.block import TransformerBlock
 from attention_simulator.parallel import Parallel
 
-from .conftest import train
+from ..helpers import train
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
 
@@ -166,8 +166,8 @@ def test_bad_options_are_refused():
 def test_keys_reach_the_metrics_report_and_comparison(tmp_path):
     import compare_runs
 
-    common = ["+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32"]
-    train(tmp_path / "on", *common)
+    common = ["+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32", "trainer.report=true"]
+    train(tmp_path / "on", *common, "diagnostics.lipschitz=true")
     train(tmp_path / "off", *common, "diagnostics=off")
     on, off = (pd.read_parquet(tmp_path / run / "metrics.parquet") for run in ("on", "off"))
     keys = {f"lipschitz/block_0{i}/{name}" for i in range(4) for name in ("spectral_max", "sq_norm_mean")}

@@ -15,7 +15,7 @@ from attention_simulator.tasks.classification import ClassificationTask
 from attention_simulator.tasks.masked_autoencoding import MaskedAutoencodingTask
 from attention_simulator.train import build_model
 
-from .conftest import compose_config, train
+from ..helpers import compose_config, train
 
 VARIANTS = ["mae_softmax", "mae_sigmoid", "mae_sigmoid_bias"]
 SHORT = ["trainer.max_steps=3", "data.batch_size=32"]

@@ -15,7 +15,7 @@ from attention_simulator.diagnostics import Diagnostics, DiagnosticsConfig
 from attention_simulator.models.lm import DecoderLM
 from attention_simulator.tasks.masked_modeling import MaskedModelingTask
 
-from .conftest import compose_config, train
+from ..helpers import compose_config, train
 
 EOS = 9
 

@@ -10,7 +10,7 @@ from torch.overrides import TorchFunctionMode
 from attention_simulator.attention.masks import Padding
 from attention_simulator.train import make_trainer
 
-from .conftest import QUIET, compose_config
+from ..helpers import run_config
 
 LENGTHS = torch.tensor([5, 2, 4])
 
@@ -73,7 +73,7 @@ def test_padded_training_steps_never_wait_for_the_device(backend, tmp_path):
     """Speech batches are right-padded: the whole training step (model, every backend's masks or
     varlen packing, CTC, optimizer) runs without a host sync between logging steps."""
     bias = "attention.sigmoid_bias=null" if "softmax" in backend else "attention.sigmoid_bias=auto"
-    cfg = compose_config(*QUIET, "+experiment=asr_sigmoid", f"attention={backend}", bias, "data.batch_size=4",
+    cfg = run_config("+experiment=asr_sigmoid", f"attention={backend}", bias, "data.batch_size=4",
                          "diagnostics.every_n_steps=100", "trainer.log_every=100")  # fmt: skip
     trainer = make_trainer(cfg, tmp_path)
     loader = iter(trainer.data.train_loader(0))

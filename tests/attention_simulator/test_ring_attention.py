@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import itertools
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from attention_simulator.attention import Attention, AttentionConfig, AttentionSpec, ring
 from attention_simulator.attention.masks import Padding
 from attention_simulator.errors import ConfigError
 from attention_simulator.models.lm import DecoderLM
+
+from ..helpers import spawn
 
 WORLD = 2
 BATCH, LENGTH, DIM, HEADS = 2, 16, 16, 2  # head_dim 8
@@ -161,10 +161,7 @@ def _refuses_padding(cp) -> bool:
     return False
 
 
-def _worker(rank: int, store: str, results_dir: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))  # fmt: skip
+def _worker(rank: int, results_dir: str):
     group = ring.ContextParallel(dist.new_group(list(range(WORLD))), rank, WORLD)  # an explicit group
     default = ring.ContextParallel(None, rank, WORLD)  # the default group
     results = {}
@@ -176,21 +173,19 @@ def _worker(rank: int, store: str, results_dir: str):
     results["gather"] = {"inverse_of_split": _error(group.gather(group.split(x)), x)}
     results["refusals"] = {"padding_refused": float(not _refuses_padding(group))}
     torch.save(results, os.path.join(results_dir, f"rank{rank}.pt"))
-    dist.barrier()  # no process tears the group down while another still talks to it
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ring_errors(tmp_path_factory) -> dict[str, dict[str, float]]:
     """Every case's errors, the larger of the two processes'."""
     tmp = tmp_path_factory.mktemp("ring")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OMP_NUM_THREADS", "1")  # two processes on a shared machine
-        mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    spawn(_worker, tmp, str(tmp), world=WORLD)
     per_rank = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
     return {case: {k: max(r[case][k] for r in per_rank) for k in errors} for case, errors in per_rank[0].items()}
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", [*ATTENTION_CASES, *LM_CASES])
 def test_ring_attention_equals_unsharded(ring_errors, case):
     """Output, input gradient, parameter gradients and (for attention modules) the attention mass."""
@@ -200,6 +195,8 @@ def test_ring_attention_equals_unsharded(ring_errors, case):
     assert not bad, f"{case}: {bad}"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_gather_inverts_split_and_padding_is_refused(ring_errors):
     assert ring_errors["gather"]["inverse_of_split"] == 0.0
     assert ring_errors["refusals"]["padding_refused"] == 0.0

@@ -1,6 +1,7 @@
 """One writer per run directory; the configs a run writes; one W&B run across resumed jobs."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import yaml
 
 from attention_simulator.rundir import RunLock, RunLockedError
 
-from .conftest import train
+from ..helpers import train
 
 HOLD = """
 import sys, time
@@ -52,8 +53,9 @@ def test_a_second_writer_is_refused_with_the_holders_name_and_a_dead_holders_loc
     again.release()
 
 
-def test_training_refuses_a_locked_run_directory_and_touches_nothing(tmp_path):
-    train(tmp_path, "+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32")
+def test_training_refuses_a_locked_run_directory_and_touches_nothing(tmp_path, trained):
+    shutil.copytree(trained("+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32").dir, tmp_path,
+                    dirs_exist_ok=True)  # fmt: skip
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     holder = hold_lock(tmp_path)
     try:
@@ -68,7 +70,7 @@ def test_training_refuses_a_locked_run_directory_and_touches_nothing(tmp_path):
 
 def test_configs_as_composed_and_resolved(tmp_path):
     train(tmp_path, "+experiment=lm_sigmoid", "trainer.max_steps=1", "data.batch_size=4", "trainer.eval_every=0",
-          "task.sample_prompts=[]")  # fmt: skip
+          "data.eval_max_tokens=1024")  # fmt: skip
     composed = (tmp_path / ".hydra" / "config.yaml").read_text()
     resolved = yaml.safe_load((tmp_path / ".hydra" / "config_resolved.yaml").read_text())
     assert "${" in composed and "${" not in (tmp_path / ".hydra" / "config_resolved.yaml").read_text()

@@ -28,7 +28,7 @@ from attention_simulator.tasks.speech_recognition import (
 )
 from attention_simulator.train import build_model
 
-from .conftest import QUIET, compose_config, train
+from ..helpers import levenshtein, run_config, train
 
 SENTENCE = "the quick brown fox jumps over the lazy dog"
 
@@ -212,15 +212,7 @@ def test_librispeech_layout_and_offline_error(tmp_path, no_hub):
         SpeechData(name="librispeech", path=str(tmp_path / "nowhere"))
 
 
-def levenshtein(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        previous, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
-    return row[-1]
-
-
+@pytest.mark.slow
 def test_ctc_loss_decreases_and_eval_cer_is_the_corpus_edit_rate(tmp_path):
     overrides = ["+experiment=asr_sigmoid", "trainer.max_steps=30", "trainer.eval_every=0", "data.batch_size=8",
                  "trainer.log_every=5"]  # fmt: skip
@@ -232,7 +224,7 @@ def test_ctc_loss_decreases_and_eval_cer_is_the_corpus_edit_rate(tmp_path):
     assert last["samples/0"].startswith("ref: ") and last["eval/ctc_inf"] == 0
 
     # the dev CER again, from the final checkpoint, decoded and edit-counted by hand
-    cfg = compose_config(*QUIET, *overrides)
+    cfg = run_config(*overrides)
     data = build(cfg.data)
     model = build_model(cfg, data.model_args).eval()
     model.load_state_dict(torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)["model"])

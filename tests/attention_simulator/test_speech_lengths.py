@@ -21,8 +21,7 @@ from attention_simulator.errors import ConfigError
 from attention_simulator.models.asr import SpeechRecognizer
 from attention_simulator.train import build_model
 
-from .conftest import QUIET, compose_config, train
-from .test_speech import levenshtein  # on characters or on word lists
+from ..helpers import compose_config, levenshtein, run_config, train
 
 TINY = {"train_size": 24, "eval_size": 12}  # 12 test utterances: 6, 4 and 3 long ones
 TINY_OVERRIDES = [f"data.synth.{k}={v}" for k, v in TINY.items()]
@@ -116,7 +115,7 @@ def test_error_rates_per_bucket_are_corpus_level_edit_rates(tiny_cache, tmp_path
     train(tmp_path, *overrides)
     last = pd.read_parquet(tmp_path / "metrics.parquet").dropna(subset=["eval/wer"]).iloc[-1]
 
-    cfg = compose_config(*QUIET, *overrides)
+    cfg = run_config(*overrides)
     data = build(cfg.data)
     model = build_model(cfg, data.model_args).eval()
     model.load_state_dict(torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)["model"])

@@ -13,7 +13,7 @@ from attention_simulator.data.text import TextData, load_pydoc
 from attention_simulator.data.tokenizers import BPETokenizer, ByteTokenizer
 from attention_simulator.errors import ConfigError
 
-from .conftest import train
+from ..helpers import train
 
 DOCUMENTS = [f"Document {i}: " + "sigmoid attention " * (i % 4 + 1) for i in range(7)]
 

@@ -169,6 +169,8 @@ open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w").write(jso
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_under_torchrun_only_rank_0_tokenises(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(RANKS))

@@ -1,5 +1,6 @@
 """Resume is exact; checkpoints are verified; accumulation and precisions work."""
 
+import shutil
 import subprocess
 
 import numpy as np
@@ -10,10 +11,11 @@ import torch
 from attention_simulator.checkpoint import list_checkpoints
 from attention_simulator.errors import CheckpointError, ConfigError
 
-from .conftest import train
+from ..helpers import train
 
 # dropout and stochastic depth make every step consume random numbers: resume must restore them
 RANDOM = ["+experiment=vit_sigmoid", "model.drop_path=0.2", "attention.attn_drop=0.1", "data.batch_size=32"]
+CHECKPOINTED = [*RANDOM, "trainer.max_steps=4", "trainer.checkpoint_every=2"]  # a run several tests read
 
 
 def final_weights(run_dir):
@@ -38,16 +40,15 @@ def test_resume_continues_bitwise(tmp_path):
     assert list(rows_a["step"]) == list(rows_b["step"])  # the resumed run's rows are not duplicated
 
 
-def test_checkpoint_digests_are_in_sha256sum_format(tmp_path):
-    train(tmp_path, *RANDOM, "trainer.max_steps=2")
-    result = subprocess.run(["sha256sum", "-c", "step_0000002.pt.sha256"], cwd=tmp_path / "checkpoints",
+def test_checkpoint_digests_are_in_sha256sum_format(trained):
+    run = trained(*RANDOM, "trainer.max_steps=2").dir
+    result = subprocess.run(["sha256sum", "-c", "step_0000002.pt.sha256"], cwd=run / "checkpoints",
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0 and "step_0000002.pt: OK" in result.stdout
 
 
-def test_resume_from_a_run_directory_and_a_file(tmp_path):
-    first = tmp_path / "first"
-    train(first, *RANDOM, "trainer.max_steps=4")
+def test_resume_from_a_run_directory_and_a_file(tmp_path, trained):
+    first = trained(*CHECKPOINTED).dir
     ckpt = list_checkpoints(first / "checkpoints")[-1]
     train(tmp_path / "a", *RANDOM, "trainer.max_steps=6", f"trainer.resume={first}")
     train(tmp_path / "b", *RANDOM, "trainer.max_steps=6", f"trainer.resume={ckpt}")
@@ -61,9 +62,8 @@ def _corrupt(path):
     path.write_bytes(data)
 
 
-def test_corrupt_and_half_written_checkpoints_are_not_loaded(tmp_path):
-    run_dir = tmp_path / "run"
-    train(run_dir, *RANDOM, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+def test_corrupt_and_half_written_checkpoints_are_not_loaded(tmp_path, trained):
+    run_dir = shutil.copytree(trained(*CHECKPOINTED).dir, tmp_path / "run")
     older, newest = list_checkpoints(run_dir / "checkpoints")
     _corrupt(newest)
     with pytest.raises(CheckpointError, match="corrupt: its SHA-256 differs"):
@@ -83,16 +83,16 @@ def test_missing_resume_path(tmp_path):
         train(tmp_path, *RANDOM, "trainer.resume=/no/such/step_0000001.pt")
 
 
-def test_auto_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
-    train(tmp_path, *RANDOM, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+def test_auto_resume_skips_a_corrupt_newest_checkpoint(tmp_path, trained):
+    shutil.copytree(trained(*CHECKPOINTED).dir, tmp_path, dirs_exist_ok=True)
     _corrupt(list_checkpoints(tmp_path / "checkpoints")[-1])
     with pytest.warns(UserWarning, match="skipping step_0000004.pt"):
         train(tmp_path, *RANDOM, "trainer.max_steps=6", "trainer.resume=auto")
     assert (tmp_path / "checkpoints" / "step_0000006.pt").exists()
 
 
-def test_fresh_start_refuses_to_overwrite_a_run(tmp_path):
-    train(tmp_path, *RANDOM, "trainer.max_steps=2")
+def test_fresh_start_refuses_to_overwrite_a_run(tmp_path, trained):
+    shutil.copytree(trained(*RANDOM, "trainer.max_steps=2").dir, tmp_path, dirs_exist_ok=True)
     before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
     metrics = (tmp_path / "metrics.parquet").read_bytes()
     with pytest.raises(ConfigError, match="already holds checkpoints"):

@@ -7,7 +7,7 @@ import pytest
 import optorch
 from attention_simulator.config import build
 
-from .conftest import compose_config
+from ..helpers import compose_config
 
 LINEAR = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])\.weight"
 DECAYED = {  # experiment: the parameters that must decay, written out by name

@@ -2,29 +2,20 @@
 2-process checkpoint resumes in 1 process; dropout, accumulation and bf16 resumed exactly under
 FSDP2 (tests/e2e/test_parallel.py: accumulation across processes, the rest of FSDP2)."""
 
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-
 import pandas as pd
 import pytest
 import torch
 
 from attention_simulator.checkpoint import list_checkpoints, load_checkpoint
 
-from .test_train_command import run_train
+from ..helpers import run_train, torchrun
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 RUN = ["+experiment=vit_sigmoid", "trainer.max_steps=6", "trainer.log_every=1", "trainer.progress=false"]
+NO_REPORT = ["trainer.report=false"]  # the figures, where a test does not look at them
 # every statistic of the default diagnostics, recorded at every step: max / min reduce across processes
 EVERY_STEP = ["diagnostics.every_n_steps=1"]
-
-
-def torchrun(*args, cwd, processes=2):
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "attention_simulator.train", *args]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def metrics(run_dir, diagnostics=False):
@@ -40,8 +31,8 @@ def test_ddp_matches_one_process_writes_once_and_resumes_in_one(tmp_path):
     result = torchrun(*RUN, *EVERY_STEP, "data.batch_size=16", "logger.wandb=true", f"hydra.run.dir={two}",
                       cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_train(*RUN, *EVERY_STEP, "data.batch_size=32", "logger.wandb=false", f"hydra.run.dir={one}",
-                       cwd=tmp_path)  # fmt: skip
+    result = run_train(*RUN, *EVERY_STEP, *NO_REPORT, "data.batch_size=32", "logger.wandb=false",
+                       f"hydra.run.dir={one}", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
     # 2 processes × 16 is the same global batch as 1 × 32: the same trajectory, to float round-off, and
@@ -60,7 +51,7 @@ def test_ddp_matches_one_process_writes_once_and_resumes_in_one(tmp_path):
 
     # the 2-process checkpoint continues in 1 process exactly as the 1-process run does
     for run_dir in (one, two):
-        more = ["trainer.max_steps=8", "data.batch_size=32", "logger.wandb=false", "trainer.resume=auto"]
+        more = ["trainer.max_steps=8", "data.batch_size=32", "logger.wandb=false", "trainer.resume=auto", *NO_REPORT]
         result = run_train(*RUN, *more, f"hydra.run.dir={run_dir}", cwd=tmp_path)
         assert result.returncode == 0 and "at step 6" in result.stdout + result.stderr, result.stderr[-3000:]
     assert "resuming a 2-process run in 1" in result.stdout + result.stderr
@@ -71,8 +62,8 @@ def test_fsdp_with_dropout_accumulation_and_bf16_resumes_exactly(tmp_path):
     """Each process draws its own dropout and drop-path masks, and every process's random state is
     in the checkpoint: a sharded bf16 run (FSDP2 on the ViT's blocks, bf16 parameters for compute)
     split over two jobs equals an uninterrupted one, bit for bit."""
-    common = [*RUN, "trainer.max_steps=4", "data.batch_size=8", "trainer.grad_accum=2", "trainer.precision=bf16",
-              "trainer.parallel=fsdp", "model.drop_path=0.2", "attention.attn_drop=0.1",
+    common = [*RUN, *NO_REPORT, "trainer.max_steps=4", "data.batch_size=8", "trainer.grad_accum=2",
+              "trainer.precision=bf16", "trainer.parallel=fsdp", "model.drop_path=0.2", "attention.attn_drop=0.1",
               "logger.wandb=false"]  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
     for extra, run_dir in (([], straight), (["trainer.run_steps=2"], split), (["trainer.resume=auto"], split)):
@@ -85,24 +76,11 @@ def test_fsdp_with_dropout_accumulation_and_bf16_resumes_exactly(tmp_path):
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
-@pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path):
-    def run(mode):  # the two runs at once: one core each
-        result = run_train(*RUN, "trainer.max_steps=3", "data.batch_size=32", "logger.wandb=false",
-                           f"trainer.compile={mode}", f"hydra.run.dir={tmp_path / mode}", cwd=tmp_path)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        return metrics(tmp_path / mode)
-
-    with ThreadPoolExecutor(2) as pool:
-        compiled, eager = pool.map(run, ("true", "false"))
-    pd.testing.assert_frame_equal(compiled, eager, rtol=1e-4)
-
-
 def test_streamed_text_over_two_processes_with_accumulation_resumes_exactly(tmp_path):
     """data.streaming under torchrun: each process streams its own documents, its position is in
     the checkpoint, and a run split over two jobs equals an uninterrupted one, bit for bit; a
     resume with another process count is refused at start-up, naming the count to use."""
-    common = ["+experiment=lm_sigmoid", "model=lm_tiny", "data.streaming=true", "data.batch_size=2",
+    common = ["+experiment=lm_sigmoid", *NO_REPORT, "model=lm_tiny", "data.streaming=true", "data.batch_size=2",
               "data.seq_len=64", "data.eval_max_tokens=1024", "data.eval_seq_lens=[64]", "trainer.grad_accum=2",
               "attention.attn_drop=0.1", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=1",
               "trainer.progress=false", "diagnostics=off", "task.sample_prompts=[]", "logger.wandb=false"]  # fmt: skip

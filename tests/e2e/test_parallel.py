@@ -6,12 +6,13 @@ import pytest
 
 from attention_simulator.checkpoint import list_checkpoints
 
-from .test_distributed import torchrun
-from .test_train_command import run_train
+from ..helpers import ONE_THREAD, run_train, torchrun
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 LM = ["+experiment=lm_sigmoid", "data.seq_len=64", "data.eval_seq_lens=[64]", "data.eval_max_tokens=4096",
       "trainer.log_every=1", "trainer.eval_every=0", "trainer.progress=false", "logger.wandb=false",
-      "task.sample_prompts=[]"]  # fmt: skip
+      "task.sample_prompts=[]", "trainer.report=false"]  # fmt: skip
 # every statistic, every step: parameter, gradient, update and optimizer-state norms must be the full parameters'
 FULL = ["diagnostics=full", "diagnostics.every_n_steps=1"]
 
@@ -40,7 +41,6 @@ def ok(result):
     return result
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 COMMON = [*LM, *FULL, "trainer.max_steps=10"]
 STATE = ("param/", "grad/", "update/", "opt/")
 

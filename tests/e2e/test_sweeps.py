@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from attention_simulator.config import CONFIG_DIR, build, validate
 from attention_simulator.train import build_model
 
-from .test_train_command import run_train
+from ..helpers import run_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import collect_sweep  # noqa: E402
@@ -30,6 +31,7 @@ def final_accuracy(run_dir: Path) -> float:
     return pd.read_parquet(run_dir / "metrics.parquet")["eval/accuracy"].dropna().iloc[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic"])  # submitit_local: the documented sweep (tests/e2e/test_readme.py)
 def test_multirun_then_collect_sweep(tmp_path, launcher):
     sweep_dir = tmp_path / "sweep"
@@ -95,6 +97,7 @@ def numbers_at_the_ends(values: list[str]) -> list[str]:
     return [numbers[0], numbers[-1]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment):
@@ -114,12 +117,10 @@ def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment
                 build_model(job_cfg, MODEL_ARGS[experiment.split("_")[0]])
 
 
-def test_collect_sweep_of_a_single_run_writes_its_table(tmp_path):
+def test_collect_sweep_of_a_single_run_writes_its_table(tmp_path, trained):
     """A sweep of one run (or of runs that differ in nothing): one row per run, by folder."""
-    from ..attention_simulator.conftest import train
-
     run = tmp_path / "only"
-    train(run, "+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32")
+    shutil.copytree(trained("+experiment=vit_sigmoid", "trainer.max_steps=2", "data.batch_size=32").dir, run)
     (run / ".hydra" / "overrides.yaml").write_text("- +experiment=vit_sigmoid\n")
     table = collect_sweep.main([str(tmp_path)])
     assert list(table["run"]) == ["only"] and (tmp_path / "sweep.md").exists() and (tmp_path / "sweep.png").exists()

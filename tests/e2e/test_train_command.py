@@ -1,23 +1,15 @@
-"""The training command's --help, as a user runs it (the documented commands: tests/e2e/test_readme.py)."""
+"""The training command as a user runs it: --help, and trainer.compile (the documented commands:
+tests/e2e/test_readme.py)."""
 
-import os
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pandas as pd
+import pytest
 
 from attention_simulator.config import CONFIG_DIR
 
-
-def run_train(*args, cwd, env_extra=None):
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "attention_simulator.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from ..helpers import ONE_THREAD, run_train
 
 
 def test_help_lists_the_config_groups(tmp_path):
@@ -26,3 +18,19 @@ def test_help_lists_the_config_groups(tmp_path):
     for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"):
         options = ", ".join(sorted(f.stem for f in group.glob("*.yaml")))
         assert f"{group.name}: {options}" in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    def run(mode):  # the two runs at once: one core each
+        result = run_train("+experiment=vit_sigmoid", "trainer.max_steps=3", "trainer.log_every=1",
+                           "data.batch_size=32", "trainer.progress=false", "logger.wandb=false",
+                           f"trainer.compile={mode}", f"hydra.run.dir={tmp_path / mode}", cwd=tmp_path,
+                           env_extra=ONE_THREAD)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        columns = ["train/loss", "train/grad_norm", "eval/loss", "eval/accuracy"]
+        return pd.read_parquet(tmp_path / mode / "metrics.parquet").set_index("step")[columns]
+
+    with ThreadPoolExecutor(2) as pool:
+        compiled, eager = pool.map(run, ("true", "false"))
+    pd.testing.assert_frame_equal(compiled, eager, rtol=1e-4)

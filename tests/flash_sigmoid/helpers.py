@@ -12,6 +12,14 @@ from .. import brute_force
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+SHAPES = [  # (batch, seq_q, seq_k, heads, kv_heads, head_dim)
+    (2, 1, 1, 2, 2, 64),
+    (1, 7, 7, 4, 2, 40),  # GQA, non-power-of-two head dim
+    (2, 97, 97, 2, 1, 64),  # MQA
+    (1, 113, 57, 4, 4, 80),  # more queries than keys
+    (1, 33, 257, 2, 2, 128),  # more keys than queries
+]
+
 
 def make_inputs(b, tq, tk, h, hk, d, dtype, seed=0, packed_lengths=None):
     g = torch.Generator().manual_seed(seed)

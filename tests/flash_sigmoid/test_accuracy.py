@@ -11,15 +11,8 @@ import torch
 
 from flash_sigmoid import flash_attn_func, flash_attn_varlen_func
 
-from .helpers import criterion, make_inputs, reference_run
+from .helpers import SHAPES, criterion, make_inputs, reference_run
 
-SHAPES = [  # (batch, seq_q, seq_k, heads, kv_heads, head_dim)
-    (2, 1, 1, 2, 2, 64),
-    (1, 7, 7, 4, 2, 40),  # GQA, non-power-of-two head dim
-    (2, 97, 97, 2, 1, 64),  # MQA
-    (1, 113, 57, 4, 4, 80),  # more queries than keys
-    (1, 33, 257, 2, 2, 128),  # more keys than queries
-]
 MODES = {
     "full": {},
     "causal": {"causal": True},

@@ -26,6 +26,7 @@ def inspect(tmp_path, *args) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_every_kept_config_fits_and_spends_one_mufu_per_element(tmp_path):
     rows = inspect(tmp_path, "--arch", "80", "90", "--dtype", "bf16", "--head-dim", "128", "--variant", "base")
     assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in ("fwd", "bwd_dq", "bwd_dkdv")
@@ -38,6 +39,7 @@ def test_every_kept_config_fits_and_spends_one_mufu_per_element(tmp_path):
     assert any(r["arch"] == "sm_90" and r["block_m"] * r["block_n"] >= 128 * 64 for r in rows)  # big tiles stay
 
 
+@pytest.mark.slow
 def test_every_variant_spends_one_mufu_per_element(tmp_path):
     rows = inspect(tmp_path, "--arch", "90", "--dtype", "fp16", "--head-dim", "64", "--smallest")
     assert len({r["variant"] for r in rows}) == 9  # base and eight variants

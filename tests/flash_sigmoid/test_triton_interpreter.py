@@ -19,6 +19,7 @@ from .helpers import INTERPRETED
 pytest.importorskip("triton")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
 def test_accuracy_cases_on_the_triton_kernels():
     names = ("test_accuracy.py", "test_features.py", "test_kernel_helpers.py")

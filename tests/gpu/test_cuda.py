@@ -23,11 +23,10 @@ from attention_simulator.checkpoint import list_checkpoints
 from attention_simulator.models.asr import SpeechRecognizer
 from flash_sigmoid import flash_attn_func, flash_attn_varlen_func
 
-from ..attention_simulator.conftest import train
-from ..attention_simulator.test_parity_matrix import check_backends
-from ..flash_sigmoid import test_features
-from ..flash_sigmoid.helpers import criterion, make_inputs, reference_run
-from ..flash_sigmoid.test_accuracy import SHAPES
+from ..attention_simulator.backend_checks import check_backends
+from ..flash_sigmoid import feature_checks
+from ..flash_sigmoid.helpers import SHAPES, criterion, make_inputs, reference_run
+from ..helpers import train
 
 pytestmark = pytest.mark.gpu
 CUDA = ["trainer.device=cuda"]
@@ -55,21 +54,21 @@ def test_triton_kernels_on_the_device(shape, causal, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fast_sigmoid_at_minus_log_n_on_the_device(dtype):
     """ex2.approx and the Newton reciprocal where p ≈ 1/16384."""
-    test_features.check_sigmoid_at_minus_log_n("cuda", dtype)
+    feature_checks.check_sigmoid_at_minus_log_n("cuda", dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_softcap_on_the_device(dtype):
-    test_features.check_softcap("cuda", dtype)
+    feature_checks.check_softcap("cuda", dtype)
 
 
 def test_dropout_on_the_device():
-    test_features.check_dropout("cuda")
+    feature_checks.check_dropout("cuda")
 
 
 @pytest.mark.parametrize("paged, num_splits, rotary", [(False, 1, None), (True, 3, True), (True, 0, False)])
 def test_kvcache_on_the_device(paged, num_splits, rotary):
-    test_features.check_kvcache("cuda", paged, num_splits, rotary)
+    feature_checks.check_kvcache("cuda", paged, num_splits, rotary)
 
 
 def test_torch_compile_on_the_device():

@@ -5,7 +5,7 @@ import torch
 
 import optorch
 
-from .conftest import grads_of, make_params, run_optorch
+from .helpers import grads_of, make_params, run_optorch
 
 STEPS = 30
 

@@ -12,8 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
@@ -25,26 +23,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import optorch
 from optorch import schedules
 
+from ..helpers import spawn
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 WORLD = 2
 STEPS = 12
 CHECK_EVERY = 4
 TOL = dict(rtol=1e-10, atol=1e-12)
-
-
-def spawn(fn, tmp_path):
-    """Run `fn(rank, tmp_dir)` in WORLD processes of one gloo group; a failure in any raises here."""
-    mp.spawn(_child, args=(fn, str(tmp_path)), nprocs=WORLD)
-
-
-def _child(rank, fn, tmp_dir):
-    torch.set_num_threads(1)
-    store = dist.FileStore(os.path.join(tmp_dir, "store"), WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
-    try:
-        fn(rank, tmp_dir)
-        dist.barrier()  # no process tears the group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
 
 
 def make_model() -> nn.Module:
@@ -181,7 +167,7 @@ def _run_cases(rank, tmp_dir):
 
 
 def test_sharded_training_matches_plain(tmp_path):
-    spawn(_run_cases, tmp_path)
+    spawn(_run_cases, tmp_path, str(tmp_path))
 
 
 class Recorder(TorchDispatchMode):
@@ -268,4 +254,4 @@ def _run_checks(rank, tmp_dir):
 
 
 def test_sharded_update_all_reduces_once_and_checkpoints_sharded(tmp_path):
-    spawn(_run_checks, tmp_path)
+    spawn(_run_checks, tmp_path, str(tmp_path))

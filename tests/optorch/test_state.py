@@ -8,7 +8,7 @@ import torch
 import optorch
 from optorch import schedules
 
-from .conftest import grads_of, make_params, run_optorch
+from .helpers import grads_of, make_params, run_optorch
 
 OPTIMIZERS = {
     "adamw_schedule_clip": lambda: optorch.chain(
