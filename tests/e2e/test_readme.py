@@ -30,7 +30,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-CAPS = {"trainer.max_steps": "2", "trainer.eval_every": "0", "trainer.progress": "false"}
+CAPS = {"trainer.max_steps": "2", "trainer.eval_every": "0", "trainer.progress": "false",
+        "++diagnostics.lipschitz_iters": "2"}  # the estimate runs, with fewer power iterations
 CAPS_BY_FAMILY = {"lm": {"data.eval_max_tokens": "4096", "task.sample_tokens": "8"},
                   "asr": {"data.eval_splits": "[test]"}}  # fmt: skip
 COMPOSE_ONLY = {  # what the command needs that this machine lacks
@@ -131,11 +132,18 @@ def how_to_run(command: str) -> tuple[list[str], str]:
     return [*python, *args[1:]], "run"
 
 
-def run_one(command: str, cwd: Path, env: dict) -> tuple:
+def run_one(command: str, cwd: Path, env: dict, ran: dict[tuple, tuple]) -> tuple:
+    """(exit code, stdout, stderr, what was done, seconds). A command the caps made identical to
+    one already run (e.g. its only other override was capped) is not run twice: it gets that
+    run's result."""
     argv, how = how_to_run(resolve(command, cwd))
+    if tuple(argv) in ran:
+        returncode, stdout, stderr, earlier_how, _ = ran[tuple(argv)]
+        return returncode, stdout, stderr, f"{earlier_how}, as an earlier command", 0.0
     start = time.perf_counter()
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    return result.returncode, result.stdout, result.stderr, how, time.perf_counter() - start
+    ran[tuple(argv)] = result.returncode, result.stdout, result.stderr, how, time.perf_counter() - start
+    return ran[tuple(argv)]
 
 
 def touches(command: str) -> set[str]:
@@ -149,7 +157,7 @@ def run_all(commands: list[str], cwd: Path, env: dict, workers: int = 2) -> dict
     of its run folders has finished -- so a placeholder means the run a reader would have made
     before it -- and otherwise in the documentation's order."""
     after = {c: {d for d in commands[:i] if touches(d) & touches(c)} for i, c in enumerate(commands)}
-    started, done, results = set(), set(), {}
+    started, done, results, ran = set(), set(), {}, {}
     changed = threading.Condition()
 
     def next_command() -> str | None:
@@ -164,7 +172,7 @@ def run_all(commands: list[str], cwd: Path, env: dict, workers: int = 2) -> dict
 
     def work():
         while (command := next_command()) is not None:
-            results[command] = run_one(command, cwd, env)
+            results[command] = run_one(command, cwd, env, ran)
             with changed:
                 done.add(command)
                 changed.notify_all()
