@@ -9,13 +9,16 @@ contributing 0. Arguments follow flash-attn ≥ 2.6 (names and positional order,
 [batch, heads] that may require grad), `return_attn_mass` (also return the per-row attention
 mass Σ_j p_ij, fp32 [batch, heads, seqlen_q], or [heads, total_q] for varlen) and
 `dropout_seed` (the dropout pattern's seed; drawn from torch's CPU generator when None).
-`return_attn_probs=True` returns (out, mass, S_dmask) as flash-attn returns (out, lse, S_dmask).
+`return_attn_probs=True` returns (out, mass, S_dmask) as flash-attn returns (out, lse, S_dmask):
+S_dmask is the attention weights the forward computed, fp32 [batch, heads, seqlen_q, seqlen_k]
+(varlen: max_seqlen_q × max_seqlen_k, each sequence's in its top-left corner), 0 where masked,
+negated where dropout dropped them; flash-attn rounds the two lengths up to multiples of 128.
 """
 
 from __future__ import annotations
 
 from .interface import FlashSigmoidFunction, _run
-from .kvcache import flash_attn_with_kvcache
+from .kvcache import flash_attn_with_kvcache, paged_varlen
 
 __all__ = [
     "flash_attn_func",
@@ -75,10 +78,15 @@ def flash_attn_varlen_func(
     block_table=None, *, sigmoid_bias=0.0, return_attn_mass=False, dropout_seed=None,
 ):  # fmt: skip
     """Packed variable-length batch: q [total_q, H, D], k, v [total_k, Hk, D]; sequence b is rows
-    cu_seqlens[b]:cu_seqlens[b+1] (int32). No padding is computed. Paged keys (`block_table`)
-    are read by `flash_attn_with_kvcache`."""
+    cu_seqlens[b]:cu_seqlens[b+1] (int32). No padding is computed. With `block_table` int32
+    [B, max_blocks_per_seq], k and v are paged [num_blocks, page_block_size, Hk, D] and sequence
+    b's keys are tokens 0 … cu_seqlens_k[b+1] − cu_seqlens_k[b] − 1 of its pages (forward only,
+    as flash-attn, whose backward does not read pages)."""
     if block_table is not None:
-        raise NotImplementedError("flash_sigmoid: block_table is supported by flash_attn_with_kvcache.")
+        return paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), block_table,
+                            dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                            softcap=softcap, alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs,
+                            sigmoid_bias=sigmoid_bias, return_attn_mass=return_attn_mass)  # fmt: skip
     return _run(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), dropout_p=dropout_p,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,

@@ -32,27 +32,35 @@ def _kernels():
 # ---- CPU path over packed sequences --------------------------------------------------------------
 
 
-def _per_sequence(fn, q_like, k_like, bias, alibi, cu_q, cu_k, **kw):
+def _per_sequence(fn, q_like, k_like, bias, alibi, cu_q, cu_k, probs=None, **kw):
     """`fn` on each sequence of packed varlen tensors as a batch of one, with its bias row (and
-    its ALiBi slopes when they are per sequence). Yields (query rows, key rows, result)."""
+    its ALiBi slopes when they are per sequence, its corner of `probs` when given). Yields
+    (query rows, key rows, result)."""
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()  # CPU tensors: no device to wait for
     for b in range(len(bounds_q) - 1):
         sq, sk = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
         slopes = alibi[b : b + 1] if alibi is not None and alibi.ndim == 2 else alibi
         tensors = [t[sq][None] for t in q_like] + [t[sk][None] for t in k_like]
+        if probs is not None:
+            kw["probs"] = probs[b : b + 1, :, : sq.stop - sq.start, : sk.stop - sk.start]
         yield sq, sk, fn(*tensors, bias=bias[b : b + 1], alibi_slopes=slopes, **kw)
 
 
 @torch.autocast("cpu", enabled=False)  # the path computes in fp32 itself; autocast would make it bf16
-def _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, scale, causal, window, softcap, dropout_p, seed):
+def _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, dropout_p, seed,
+                 return_probs):  # fmt: skip
     kw = dict(scale=scale, causal=causal, window=window, softcap=softcap, dropout_p=dropout_p, seed=seed)
+    batch, heads = (q.shape[0], q.shape[2]) if cu_q is None else (cu_q.numel() - 1, q.shape[1])
+    lengths = (q.shape[1], k.shape[1]) if cu_q is None else (max_q, max_k)
+    probs = q.new_zeros(batch, heads, *lengths, dtype=torch.float32) if return_probs else None
     if cu_q is None:
-        return reference.chunked_forward(q, k, v, bias=bias, alibi_slopes=alibi, **kw)
+        return *reference.chunked_forward(q, k, v, bias=bias, alibi_slopes=alibi, probs=probs, **kw), probs
     # rows beyond the last sequence (cu_seqlens[-1] < total) are not attention rows: zeros
     out, mass = torch.zeros_like(q), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
-    for sq, _, (o, m) in _per_sequence(reference.chunked_forward, (q,), (k, v), bias, alibi, cu_q, cu_k, **kw):
+    for sq, _, (o, m) in _per_sequence(reference.chunked_forward, (q,), (k, v), bias, alibi, cu_q, cu_k, probs,
+                                       **kw):  # fmt: skip
         out[sq], mass[:, sq] = o[0], m[0]
-    return out, mass
+    return out, mass, probs
 
 
 @torch.autocast("cpu", enabled=False)
@@ -76,21 +84,29 @@ def _fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, alibi: torch.Tensor | None,
     cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int, max_k: int, scale: float, causal: bool,
     window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int, return_mass: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     options = (scale, causal, (window_left, window_right), softcap, dropout_p, seed)
     if _use_triton(q):
-        out, mass = _kernels().forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, return_mass)
+        out, mass, probs = _kernels().forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, return_mass,
+                                              return_probs)  # fmt: skip
     else:
-        out, mass = _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, *options)
-    return out, (mass if return_mass else q.new_empty(0, dtype=torch.float32))
+        out, mass, probs = _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, return_probs)
+
+    def none():  # outputs of a custom op may not alias each other
+        return q.new_empty(0, dtype=torch.float32)
+
+    return out, (mass if return_mass else none()), (probs if return_probs else none())
 
 
 @_fwd.register_fake
 def _(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap, dropout_p,
-      seed, return_mass):  # fmt: skip
-    heads = q.shape[-2]
-    shape = ((heads, q.shape[0]) if cu_q is not None else (q.shape[0], heads, q.shape[1])) if return_mass else (0,)
-    return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32)
+      seed, return_mass, return_probs):  # fmt: skip
+    heads, varlen = q.shape[-2], cu_q is not None
+    mass = ((heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])) if return_mass else (0,)
+    lengths = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
+    probs = ((cu_q.shape[0] - 1 if varlen else q.shape[0]), heads, *lengths) if return_probs else (0,)
+    return torch.empty_like(q), q.new_empty(mass, dtype=torch.float32), q.new_empty(probs, dtype=torch.float32)
 
 
 @torch.library.custom_op("flash_sigmoid::bwd", mutates_args=())
@@ -113,24 +129,25 @@ def _(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_
 
 
 class FlashSigmoidFunction(torch.autograd.Function):
-    """out, mass = f(q, k, v, bias [B, H], ...); gradients for q, k, v and the bias (mass has none)."""
+    """out, mass, probs = f(q, k, v, bias [B, H], ...); gradients for q, k, v and the bias (mass
+    and probs have none)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, dropout_p,
-                seed, return_mass):  # fmt: skip
+                seed, return_mass, return_probs=False):  # fmt: skip
         meta = (max_q, max_k, scale, causal, *window, softcap, dropout_p, seed)
-        out, mass = _fwd(q, k, v, bias, alibi, cu_q, cu_k, *meta, return_mass)
+        out, mass, probs = _fwd(q, k, v, bias, alibi, cu_q, cu_k, *meta, return_mass, return_probs)
         ctx.save_for_backward(q, k, v, bias, alibi, cu_q, cu_k)
         ctx.meta = meta
-        ctx.mark_non_differentiable(mass)
-        return out, mass
+        ctx.mark_non_differentiable(mass, probs)
+        return out, mass, probs
 
     @staticmethod
-    def backward(ctx, dout, _dmass):
+    def backward(ctx, dout, _dmass, _dprobs):
         q, k, v, bias, alibi, cu_q, cu_k = ctx.saved_tensors
         need_dbias = ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _bwd(dout, q, k, v, bias, alibi, cu_q, cu_k, *ctx.meta, need_dbias)
-        return dq, dk, dv, (dbias if need_dbias else None), *([None] * 12)
+        return dq, dk, dv, (dbias if need_dbias else None), *([None] * 13)
 
 
 # ---- argument checks -----------------------------------------------------------------------------
@@ -166,8 +183,14 @@ def _check_qkv(q, k, v, packed: bool):
         _fail(f"the number of query heads ({heads}) must be a multiple of the number of key/value heads ({kv_heads}).")
 
 
-def _window(window_size) -> tuple[int, int]:
-    """(left, right) as Python ints, from a pair of ints, numpy ints or a 2-element tensor."""
+def window_bounds(window_size, causal: bool, seqlen_k: int) -> tuple[int, int]:
+    """(left, right) as flash-attn resolves `window_size` (a pair of ints, numpy ints or a
+    2-element tensor) for `seqlen_k` keys (the padded length, max_seqlen_k, or a KV cache's
+    capacity): a side ≥ seqlen_k is unbounded (−1); causal sets the right side to 0; an
+    unbounded right side opposite a bounded left one becomes seqlen_k, so (L, −1) lets no query
+    reach more than seqlen_k keys past its diagonal — rows of a batch with seqlen_q > seqlen_k
+    + 1 can then see no key at all. A left side of seqlen_k can never exclude a key, so it stays
+    −1 here (flash-attn writes seqlen_k)."""
     try:
         pair = [int(w) for w in (window_size.tolist() if hasattr(window_size, "tolist") else window_size)]
     except (TypeError, ValueError):
@@ -176,7 +199,12 @@ def _window(window_size) -> tuple[int, int]:
         _fail(f"window_size must be a pair of ints (left, right), got {window_size!r}.")
     if min(pair) < -1:
         _fail(f"window_size={tuple(pair)}: sizes must be >= 0, or -1 for unbounded.")
-    return pair[0], pair[1]
+    left, right = (-1 if w >= seqlen_k else w for w in pair)
+    if causal:
+        right = 0
+    elif left >= 0 and right < 0:
+        right = seqlen_k
+    return left, right
 
 
 def _check_options(q, dropout_p, softcap, alibi_slopes, batch):
@@ -251,39 +279,23 @@ def _check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
             _fail(f"{message.removeprefix('flash_sigmoid: ')}; got {cu.tolist()}.")
 
 
-def _attn_probs(q, k, bias, alibi, scale, causal, window, softcap, dropout_p, seed) -> torch.Tensor:
-    """flash-attn's S_dmask for tests: p (B, H, Tq, Tk) fp32, negated where dropout dropped it."""
-    p = reference.sigmoid_weights(q, k, scale=scale, bias=bias, causal=causal, window=window, alibi_slopes=alibi,
-                                  softcap=softcap)  # fmt: skip
-    if not dropout_p:
-        return p
-    if _use_triton(q):
-        keep = _kernels().dropout_keep(seed, dropout_p, p.shape[0] * p.shape[1], *p.shape[2:], q.device).view(p.shape)
-    else:
-        keep = reference.chunked_keep(q, k, causal=causal, window=window, dropout_p=dropout_p, seed=seed)
-    return torch.where(keep, p, -p)
-
-
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
          return_attn_probs, sigmoid_bias, return_attn_mass, dropout_seed=None):  # fmt: skip
     packed = cu_q is not None
     _check_qkv(q, k, v, packed)
     batch = cu_q.numel() - 1 if packed else q.shape[0]
     alibi_slopes = _check_options(q, dropout_p, softcap, alibi_slopes, batch)
-    window = _window(window_size)
+    window = window_bounds(window_size, causal, max_k if packed else k.shape[1])
     seed = _dropout_seed(dropout_p, dropout_seed)
     if packed:
         _check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], k.shape[0], q.device)
         cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels read offsets at unit stride
-        if return_attn_probs:
-            raise NotImplementedError("flash_sigmoid: return_attn_probs is for tests on padded batches (not varlen).")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    window = (window[0], 0) if causal else window  # causal caps the right side, as flash-attn
     bias = _bias_table(sigmoid_bias, q, batch)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     options = (scale, causal, window, float(softcap), float(dropout_p), seed)
-    out, mass = FlashSigmoidFunction.apply(q, k, v, bias, alibi_slopes, cu_q, cu_k, max_q, max_k, *options,
-                                           return_attn_mass or return_attn_probs)  # fmt: skip
+    out, mass, probs = FlashSigmoidFunction.apply(q, k, v, bias, alibi_slopes, cu_q, cu_k, max_q, max_k, *options,
+                                                  return_attn_mass or return_attn_probs, return_attn_probs)  # fmt: skip
     if return_attn_probs:  # flash-attn's (out, softmax_lse, S_dmask), the row mass in the lse's place
-        return out, mass, _attn_probs(q.detach(), k.detach(), bias.detach(), alibi_slopes, *options)
+        return out, mass, probs
     return (out, mass) if return_attn_mass else out

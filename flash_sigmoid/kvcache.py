@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import reference
-from .interface import _bias_table, _check_options, _fail, _kernels, _use_triton, _window
+from .interface import _bias_table, _check_cu_seqlens, _check_options, _fail, _kernels, _use_triton, window_bounds
 
 
 def _rotate(x, cos, sin, positions, interleaved: bool):
@@ -60,19 +60,16 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_left
         if block_table.dtype != torch.int32 or block_table.ndim != 2 or block_table.shape[0] != batch:
             _fail(f"block_table must be int32 [batch={batch}, max_blocks_per_seq], got {block_table.dtype} "
                   f"{tuple(block_table.shape)}.")  # fmt: skip
-        page = k_cache.shape[1]
-        if page & (page - 1):
-            _fail(f"page_block_size (k_cache.shape[1]) must be a power of two, got {page}: pages are found by shifts.")
         if cache_batch_idx is not None:
             _fail("cache_batch_idx cannot be combined with block_table: the table already maps each sequence.")
 
 
-def _check_capacity(ends, capacity: int, new: int):
-    """Every sequence's cache (after appending `new` tokens) fits `capacity` tokens: on CUDA as
-    a device assertion, raised at the next synchronisation instead of stalling each step."""
+def _check_capacity(ends, capacity: int, what: str):
+    """Every sequence's keys (`ends`, per sequence) fit `capacity` tokens: on CUDA as a device
+    assertion, raised at the next synchronisation instead of stalling each step."""
     bad = (ends > capacity).any()
-    message = (f"flash_sigmoid: a KV cache is too short: cache_seqlens + {new} new tokens exceeds its {capacity} "
-               f"tokens; allocate a longer cache (or more pages in block_table).")  # fmt: skip
+    message = (f"flash_sigmoid: a KV cache is too short: {what} exceeds its {capacity} tokens; allocate a longer "
+               f"cache (or more pages in block_table).")  # fmt: skip
     if ends.is_cuda:
         torch._assert_async(~bad, message)
     elif bad.item():
@@ -100,8 +97,18 @@ def _splits(num_splits: int, q, capacity: int) -> int:
     return max(1, min(math.ceil(2 * sms / programs), math.ceil(capacity / 256), 64))
 
 
-def _cpu_attention(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_table, scale, causal, window, softcap):
-    """The chunked PyTorch path, one sequence at a time (CPU tensors: no device to wait for)."""
+def _cpu_attention(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_table, scale, causal, window, softcap,
+                   cu_q=None, probs=None):  # fmt: skip
+    """The chunked PyTorch path, one sequence at a time (CPU tensors: no device to wait for).
+    q padded [B, Tq, H, D] -> (out, mass [B, H, Tq]); or packed [total, H, D] with cu_q ->
+    (out, mass [H, total]), rows past the last sequence 0. `probs` [B, H, Tq, Tk]: filled with
+    each sequence's weights in its top-left corner."""
+    if cu_q is not None:
+        out, mass = torch.zeros_like(q), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+        rows = [slice(a, b) for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        padded = [q[r][None] for r in rows]
+    else:
+        padded = [q[b : b + 1] for b in range(q.shape[0])]
     outs, masses = [], []
     for b, ((start, length), row) in enumerate(zip(bounds.tolist(), kv_batch.tolist())):
         if block_table is None:
@@ -111,12 +118,15 @@ def _cpu_attention(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_tab
             pages, offs = block_table[b].long()[pos // k_cache.shape[1]], pos % k_cache.shape[1]
             keys, values = k_cache[pages, offs], v_cache[pages, offs]
         slopes = alibi[b : b + 1] if alibi is not None and alibi.ndim == 2 else alibi
-        out, mass = reference.chunked_forward(q[b : b + 1], keys[None], values[None], scale=scale,
-                                              bias=bias[b : b + 1], causal=causal, window=window,
-                                              alibi_slopes=slopes, softcap=softcap)  # fmt: skip
-        outs.append(out)
-        masses.append(mass)
-    return torch.cat(outs), torch.cat(masses)
+        corner = None if probs is None else probs[b : b + 1, :, : padded[b].shape[1], :length]
+        o, m = reference.chunked_forward(padded[b], keys[None], values[None], scale=scale, bias=bias[b : b + 1],
+                                         causal=causal, window=window, alibi_slopes=slopes, softcap=softcap,
+                                         probs=corner)  # fmt: skip
+        if cu_q is not None:
+            out[rows[b]], mass[:, rows[b]] = o[0], m[0]
+        outs.append(o)
+        masses.append(m)
+    return (out, mass) if cu_q is not None else (torch.cat(outs), torch.cat(masses))
 
 
 @torch.no_grad()
@@ -129,19 +139,19 @@ def flash_attn_with_kvcache(
     """Sigmoid attention of q [B, Tq, H, D] over a KV cache, appending k, v [B, Tn, Hk, D] first.
 
     k_cache, v_cache: [B_cache, T_cache, Hk, D], or paged [num_blocks, page_block_size, Hk, D]
-    with block_table int32 [B, max_blocks_per_seq] (pages of a power-of-two size). cache_seqlens (int or int32
+    with block_table int32 [B, max_blocks_per_seq] (any page size). cache_seqlens (int or int32
     [B]): tokens already cached; the new ones go at cache_seqlens[b]…; sequence b attends to
     cache tokens cache_leftpad[b] … cache_seqlens[b] + Tn − 1, bottom-right aligned for causal
-    and windows. Rotary tables (seqlen_ro, rotary_dim / 2) rotate k at its positions (counted
-    from cache_leftpad) and q there too when causal or windowed, else all of q at the first new
-    position — as flash-attn. With return_softmax_lse or return_attn_mass: (out, mass), the per-row
-    attention mass [B, H, Tq] in the lse's place. Inference only: no gradient flows through.
+    and windows, a window's unbounded side resolved against the cache's capacity. Rotary tables
+    (seqlen_ro, rotary_dim / 2) rotate k at its absolute cache positions cache_seqlens[b] + t
+    (left padding included) and q there too when causal or windowed, else all of q at the first
+    new position — as flash-attn. With return_softmax_lse or return_attn_mass: (out, mass), the
+    per-row attention mass [B, H, Tq] in the lse's place. Inference only: no gradient flows
+    through.
     """
     _check(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     batch, device = q.shape[0], q.device
     alibi_slopes = _check_options(q, 0.0, softcap, alibi_slopes, batch)
-    window = _window(window_size)
-    window = (window[0], 0) if causal else window
     int32 = dict(device=device, dtype=torch.int32)
     seqlens = torch.full((batch,), cache_seqlens or 0, **int32) if not isinstance(cache_seqlens, torch.Tensor) \
         else cache_seqlens  # fmt: skip
@@ -149,9 +159,10 @@ def flash_attn_with_kvcache(
     kv_batch = torch.arange(batch, **int32) if cache_batch_idx is None else cache_batch_idx
     new = 0 if k is None else k.shape[1]
     capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-    _check_capacity(seqlens + new, capacity, new)
+    _check_capacity(seqlens + new, capacity, f"cache_seqlens + {new} new tokens")
+    window = window_bounds(window_size, causal, capacity)
     if rotary_cos is not None:
-        positions = (seqlens - leftpad).long()[:, None]
+        positions = seqlens.long()[:, None]  # absolute cache positions, as flash-attn's kernel
         if k is not None:
             k = _rotate(k, rotary_cos, rotary_sin, positions + torch.arange(new, device=device), rotary_interleaved)
         q_steps = torch.arange(q.shape[1], device=device) if causal or window != (-1, -1) else 0
@@ -167,8 +178,50 @@ def flash_attn_with_kvcache(
     want_mass = return_softmax_lse or return_attn_mass
     if _use_triton(q):
         splits = _splits(num_splits, q, capacity)
-        out, mass = _kernels().forward_kvcache(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch,
+        out, mass, _ = _kernels().forward_kvcache(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch,
                                                block_table, *options, splits, want_mass)  # fmt: skip
     else:
         out, mass = _cpu_attention(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch, block_table, *options)
     return (out, mass) if want_mass else out
+
+
+def paged_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, block_table, *, dropout_p, softmax_scale, causal,
+                 window_size, softcap, alibi_slopes, return_attn_probs, sigmoid_bias, return_attn_mass):  # fmt: skip
+    """`flash_attn_varlen_func` with `block_table`: packed queries q [total_q, H, D] over paged
+    keys, sequence b reading tokens 0 … cu_k[b+1] − cu_k[b] − 1 of the pages block_table[b]
+    names. Forward only, as in flash-attn (its backward does not read pages)."""
+    if not isinstance(q, torch.Tensor) or q.ndim != 3:
+        _fail(f"q must be [total_tokens, heads, head_dim], got {getattr(q, 'shape', type(q).__name__)}.")
+    batch = cu_q.numel() - 1 if isinstance(cu_q, torch.Tensor) else 0
+    _check(q.new_empty(batch, 0, *q.shape[1:]), k_cache, v_cache, None, None, None, None, None, block_table)
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    _check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], batch * capacity, q.device)
+    _check_capacity(cu_k.diff(), capacity, "a sequence's cu_seqlens_k length")
+    if dropout_p:
+        _fail(f"dropout_p={dropout_p} with block_table: paged keys are for inference; use dropout_p=0.")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        _fail("block_table is forward only (flash-attn's backward does not read pages either): run it under "
+              "torch.no_grad(), or pass contiguous k, v to train.")  # fmt: skip
+    alibi_slopes = _check_options(q, 0.0, softcap, alibi_slopes, batch)
+    window = window_bounds(window_size, causal, max_k)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    lengths = cu_k.diff().to(torch.int32)
+    bounds = torch.stack([torch.zeros_like(lengths), lengths], dim=1).contiguous()
+    kv_batch = torch.arange(batch, device=q.device, dtype=torch.int32)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    bias = _bias_table(sigmoid_bias, q, batch)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    options = (scale, causal, window, float(softcap))
+    want_mass = return_attn_mass or return_attn_probs
+    with torch.no_grad():
+        if _use_triton(q):
+            out, mass, probs = _kernels().forward_kvcache(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch,
+                                                          block_table, *options, 1, want_mass, cu_q, max_q, max_k,
+                                                          return_attn_probs)  # fmt: skip
+        else:
+            probs = q.new_zeros(batch, q.shape[1], max_q, max_k, dtype=torch.float32) if return_attn_probs else None
+            out, mass = _cpu_attention(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch, block_table,
+                                       *options, cu_q, probs)  # fmt: skip
+    if return_attn_probs:
+        return out, mass, probs
+    return (out, mass) if return_attn_mass else out

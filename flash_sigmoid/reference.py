@@ -184,9 +184,10 @@ def _keep(seed: int, dropout_p: float, j0: int, shape) -> torch.Tensor | None:
 
 
 def chunked_forward(q, k, v, *, scale, bias, causal=False, window=(-1, -1), alibi_slopes=None, softcap=0.0,
-                    dropout_p=0.0, seed=0, block=256):  # fmt: skip
+                    dropout_p=0.0, seed=0, block=256, probs=None):  # fmt: skip
     """Memory-efficient forward on padded [B, T, H, D]; returns (out, mass [B, H, Tq] fp32).
-    The mass is taken before dropout."""
+    The mass is taken before dropout. `probs` (B, H, Tq, Tk) fp32, zeros: filled with the
+    weights p this path computes, negated where dropout dropped them (flash-attn's S_dmask)."""
     dtype = _compute_dtype(q)
     hk = k.shape[2]
     qg = _group(q.to(dtype), hk)  # (B, Tq, Hk, G, D)
@@ -197,6 +198,9 @@ def chunked_forward(q, k, v, *, scale, bias, causal=False, window=(-1, -1), alib
         p, _ = _probs(qg[:, rs], kc[:, cs], scale, allowed, addend, softcap)  # (B, Hk, G, M, N)
         mass[..., rs] += p.sum(-1)
         keep = _keep(seed, dropout_p, cs.start, p.shape)
+        if probs is not None:
+            signed = p if keep is None else torch.where(keep, p, -p)
+            probs[:, :, rs, cs] = rearrange(signed, "b hk g m n -> b (hk g) m n").float()
         if keep is not None:
             p = p.masked_fill_(~keep, 0.0).div_(1 - dropout_p)
         out[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", p, vc[:, cs])
@@ -229,13 +233,3 @@ def chunked_backward(dout, q, k, v, *, scale, bias, causal=False, window=(-1, -1
         dq[:, rs] += torch.einsum("bhgmn,bnhd->bmhgd", ds, kc[:, cs]) * scale
     dq = rearrange(dq, "b t hk g d -> b t (hk g) d")
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias.flatten(1).to(bias.dtype)
-
-
-def chunked_keep(q, k, *, causal=False, window=(-1, -1), dropout_p, seed, block=256) -> torch.Tensor:
-    """This path's dropout pattern as bools (B, H, Tq, Tk) (True outside the blocks it computes)."""
-    b, tq, h, _ = q.shape
-    tk, hk = k.shape[1], k.shape[2]
-    keep = torch.ones(b, hk, h // hk, tq, tk, dtype=torch.bool)
-    for rs, cs, _, _ in _blocks(q, k, q.new_zeros(b, h), None, causal, window, block):
-        keep[..., rs, cs] = _keep(seed, dropout_p, cs.start, (b, hk, h // hk, rs.stop - rs.start, cs.stop - cs.start))
-    return keep.flatten(1, 2)

@@ -54,6 +54,22 @@ def _configs():
     ]
 
 
+# (kernel, BLOCK_D) -> the (BLOCK_M, BLOCK_N, num_warps, num_stages) whose SASS spills registers
+# inside the key/query loop on sm_80 or sm_90 (`python scripts/inspect_kernels.py --head-dim 64
+# 128 256 --dtype bf16 --variant base`, the "in loop" column): a tile spilling there pays
+# local-memory traffic on every block it visits, while short autotuning runs may still time it
+# fastest. Spills outside the loop (once per program) are kept.
+LOOP_SPILLS = {
+    ("bwd_dq", 64): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ("bwd_dkdv", 64): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ("fwd", 128): {(128, 64, 4, 3)},
+    ("bwd_dq", 128): {(128, 64, 4, 3), (128, 32, 4, 4)},
+    ("bwd_dkdv", 128): {(128, 64, 4, 3), (64, 64, 4, 4)},
+    ("fwd", 256): {(128, 32, 4, 4)},
+    ("bwd_dkdv", 256): {(64, 32, 4, 2)},  # the only tile that fits: kept (see keep_configs)
+}
+
+
 def shared_bytes(kernel: str, config, block_d: int, elem_bytes: int) -> int:
     """Shared memory a config needs, from above: its streamed operand tiles (num_stages copies
     of K and V — of Q and dO for dK/dV) and the tiles held for the whole loop. Exact for the
@@ -71,9 +87,12 @@ def _device_shared_limit() -> int:
 
 
 def keep_configs(kernel: str, configs, block_d: int, elem_bytes: int, limit: int):
-    """The configs whose shared memory fits `limit` bytes (the smallest tile if none does)."""
+    """The configs whose shared memory fits `limit` bytes, less those that spill in the loop
+    (LOOP_SPILLS) unless nothing else fits; the smallest tile if none fits at all."""
     fits = [c for c in configs if shared_bytes(kernel, c, block_d, elem_bytes) <= limit]
-    return fits or [min(configs, key=lambda c: shared_bytes(kernel, c, block_d, elem_bytes))]
+    spills = LOOP_SPILLS.get((kernel, block_d), set())
+    clean = [c for c in fits if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in spills]
+    return clean or fits or [min(configs, key=lambda c: shared_bytes(kernel, c, block_d, elem_bytes))]
 
 
 def _pruner(kernel: str):
@@ -88,25 +107,33 @@ def _pruner(kernel: str):
 
 
 _KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_ALIBI", "IS_VARLEN", "SOFTCAP", "DROPOUT"]  # and tensor dtypes
-_FWD_KEY = _KEY + ["KV_CACHE", "PAGED"]
+_FWD_KEY = _KEY + ["KV_CACHE", "PAGE_SIZE", "RETURN_PROBS"]
 
 
 @triton.jit
-def _key_rows(K, V, BlockTable, b, kv_b, k_start, offs_n, k_len, skb, skt, svb, svt, sbt, page_shift,
-              KV_CACHE: tl.constexpr, PAGED: tl.constexpr):  # fmt: skip
+def _key_rows(K, V, BlockTable, b, kv_b, k_start, offs_n, k_len, skb, skt, svb, svt, sbt,
+              KV_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
     """Row offsets of keys `offs_n` in K and in V. A KV cache reads batch row kv_b from token
-    k_start on, or, paged, token t from page block_table[b, t >> page_shift] (pages of 2^shift
-    tokens: shifts, where a division would cost a MUFU.RCP per key)."""
+    k_start on, or, paged (PAGE_SIZE > 0), token t from page block_table[b, t // PAGE_SIZE]. The
+    page size is a compile-time constant: a power of two divides by a shift, any other size by a
+    multiply-high, where a division by a runtime value would cost a MUFU.RCP per key."""
     if KV_CACHE:
         pos = (k_start + offs_n).to(tl.int64)
-        if PAGED:
-            page = tl.load(BlockTable + b.to(tl.int64) * sbt + (pos >> page_shift), mask=offs_n < k_len, other=0)
-            page, row = page.to(tl.int64), pos & ((1 << page_shift) - 1)
+        if PAGE_SIZE > 0:
+            page = tl.load(BlockTable + b.to(tl.int64) * sbt + pos // PAGE_SIZE, mask=offs_n < k_len, other=0)
+            page, row = page.to(tl.int64), pos % PAGE_SIZE
             return page * skb + row * skt, page * svb + row * svt
         else:
             return kv_b.to(tl.int64) * skb + pos * skt, kv_b.to(tl.int64) * svb + pos * svt
     else:
         return _rows(b, k_start, offs_n, skb, skt), _rows(b, k_start, offs_n, svb, svt)
+
+
+@triton.jit
+def _store_probs(Probs, p, pid_bh, offs_m, offs_n, spb, spm, q_len, k_len):
+    """The tile's attention weights into the [batch·heads, max_q, max_k] probabilities buffer."""
+    where = Probs + pid_bh.to(tl.int64) * spb + offs_m.to(tl.int64)[:, None] * spm + offs_n[None, :]
+    tl.store(where, p, mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
 
 
 @triton.jit
@@ -123,13 +150,13 @@ def _span(phase: tl.constexpr, lo, mid_lo, mid_hi, hi):
 @triton.autotune(configs=_configs(), key=_FWD_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Mass, Bias, Alibi, CuQ, CuK, BlockTable, KvBatch,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, sos, smb, smh, smt, sms, sab, sbt, page_shift,
+    Q, K, V, Out, Mass, Probs, Bias, Alibi, CuQ, CuK, BlockTable, KvBatch,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, sos, smb, smh, smt, sms, sab, sbt, spb, spm,
     seqlen_q, seqlen_k, num_splits, scale2, cap, win_left, win_right, seed, dropout_p,
     H: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr,
-    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, KV_CACHE: tl.constexpr, PAGED: tl.constexpr,
-    RETURN_MASS: tl.constexpr, FAST: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, KV_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    RETURN_MASS: tl.constexpr, RETURN_PROBS: tl.constexpr, FAST: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -164,7 +191,7 @@ def _fwd_kernel(
         for start_n in range(begin, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k_rows, v_rows = _key_rows(K, V, BlockTable, b, kv_b, k_start, offs_n, k_len, skb, skt, svb, svt, sbt,
-                                       page_shift, KV_CACHE, PAGED)  # fmt: skip
+                                       KV_CACHE, PAGE_SIZE)  # fmt: skip
             k = _load_rows(K, k_rows, hk, skh, offs_n < k_len, offs_d, HEAD_DIM)
             v = _load_rows(V, v_rows, hk, svh, offs_n < k_len, offs_d, HEAD_DIM)
             p, _ = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
@@ -172,7 +199,12 @@ def _fwd_kernel(
             if RETURN_MASS:
                 mass += tl.sum(p, axis=1)
             if DROPOUT:  # scaled by 1 / (1 − dropout_p) once, at the end
-                p = tl.where(_keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N), p, 0.0)
+                keep = _keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N)
+                if RETURN_PROBS:  # flash-attn's S_dmask: p, negated where dropout dropped it
+                    _store_probs(Probs, tl.where(keep, p, -p), pid_bh, offs_m, offs_n, spb, spm, q_len, k_len)
+                p = tl.where(keep, p, 0.0)
+            elif RETURN_PROBS:
+                _store_probs(Probs, p, pid_bh, offs_m, offs_n, spb, spm, q_len, k_len)
             acc += _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
@@ -294,18 +326,6 @@ def _bwd_dkdv_kernel(
                 HEAD_DIM)  # fmt: skip
 
 
-@triton.jit
-def _keep_kernel(Keep, seed, dropout_p, len_q, len_k, BLOCK: tl.constexpr):
-    """The dropout pattern of one (batch·head, query row) as a row of bools, for return_attn_probs."""
-    row, pid_bh = tl.program_id(0), tl.program_id(1)
-    offs_m = row + tl.arange(0, 1)
-    for start_n in range(0, len_k, BLOCK):
-        offs_n = start_n + tl.arange(0, BLOCK)
-        keep = _keep(seed, pid_bh, offs_m, start_n, len_q, len_k, dropout_p, BLOCK)
-        where = Keep + (pid_bh.to(tl.int64) * len_q + row) * len_k + offs_n[None, :]
-        tl.store(where, keep.to(tl.int8), mask=(offs_n < len_k)[None, :])
-
-
 # ---- launchers ---------------------------------------------------------------------------------
 
 
@@ -341,8 +361,10 @@ def _dummy(t):
 
 
 def forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, dropout_p, seed,
-            return_mass):  # fmt: skip
-    """out (like q) and, if asked, mass fp32 ([B, H, Tq] padded / [H, total] varlen)."""
+            return_mass, return_probs):  # fmt: skip
+    """out (like q); if asked, mass fp32 ([B, H, Tq] padded / [H, total] varlen) and the kernel's
+    own attention weights fp32 [B, H, Tq, Tk] (varlen: [B, H, max_q, max_k], each sequence's in
+    its top-left corner), negated where dropout dropped them."""
     batch, heads, flags, (len_q, len_k), sab = _common(q, k, cu_q, max_q, max_k, alibi, causal, window, softcap,
                                                        dropout_p)  # fmt: skip
     varlen = cu_q is not None
@@ -350,51 +372,56 @@ def forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, windo
     mass_shape = (heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])
     mass = torch.zeros(mass_shape if return_mass else (1, 1, 1), device=q.device, dtype=torch.float32)
     mass_strides = (0, mass.stride(0), mass.stride(1)) if varlen else mass.stride()
+    probs = torch.zeros((batch, heads, len_q, len_k) if return_probs else (1, 1, 1, 1), device=q.device,
+                        dtype=torch.float32)  # fmt: skip
     grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads, 1)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, out, mass, bias, alibi if alibi is not None else bias, cu_q if varlen else _dummy(q),
+        q, k, v, out, mass, probs, bias, alibi if alibi is not None else bias, cu_q if varlen else _dummy(q),
         cu_k if varlen else _dummy(q), _dummy(q), _dummy(q), *_strides(q, varlen), *_strides(k, varlen),
-        *_strides(v, varlen), *_strides(out, varlen), 0, *mass_strides, 0, sab, 0, 0, len_q, len_k, 1,
-        -scale * LOG2E.value, softcap, *window, seed, dropout_p,
-        H=heads, GROUP=heads // k.shape[-2], KV_CACHE=False, PAGED=False, RETURN_MASS=return_mass, **flags,
+        *_strides(v, varlen), *_strides(out, varlen), 0, *mass_strides, 0, sab, 0, probs.stride(1),
+        probs.stride(2), len_q, len_k, 1, -scale * LOG2E.value, softcap, *window, seed, dropout_p,
+        H=heads, GROUP=heads // k.shape[-2], KV_CACHE=False, PAGE_SIZE=0, RETURN_MASS=return_mass,
+        RETURN_PROBS=return_probs, **flags,
     )  # fmt: skip
-    return out, (mass if return_mass else None)
+    return out, (mass if return_mass else None), (probs if return_probs else None)
 
 
 def forward_kvcache(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_table, scale, causal, window, softcap,
-                    num_splits, return_mass):  # fmt: skip
-    """Attention of padded q [B, Tq, H, D] over cached keys: sequence b reads tokens
-    bounds[b, 0] .. bounds[b, 0] + bounds[b, 1] of cache row kv_batch[b] (or of the pages of
-    block_table[b]). With num_splits > 1 the key range is cut in slices computed in parallel
-    and summed: sigmoid attention over a union of key sets is the sum of its parts."""
-    batch, heads, flags, (len_q, _), sab = _common(q, q, None, 0, 0, alibi, causal, window, softcap, 0.0)
-    paged = block_table is not None
+                    num_splits, return_mass, cu_q=None, max_q=0, max_k=0, return_probs=False):  # fmt: skip
+    """Attention of q over cached keys: sequence b reads tokens bounds[b, 0] .. bounds[b, 0] +
+    bounds[b, 1] of cache row kv_batch[b] (or of the pages of block_table[b]). q is padded
+    [B, Tq, H, D], or packed [total, H, D] with cu_q (paged varlen; the weights, if asked,
+    [B, H, max_q, max_k] as `forward`'s). With num_splits > 1 the key range is cut in slices
+    computed in parallel and summed: sigmoid attention over a union of key sets is the sum of
+    its parts."""
+    batch, heads, flags, (len_q, _), sab = _common(q, q, cu_q, max_q, 0, alibi, causal, window, softcap, 0.0)
+    varlen, paged = cu_q is not None, block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     split_shape = (num_splits, *q.shape) if num_splits > 1 else q.shape
-    out = torch.empty(split_shape, device=q.device, dtype=torch.float32 if num_splits > 1 else q.dtype)
-    mass = torch.zeros((num_splits, batch, heads, len_q) if return_mass else (1, 1, 1, 1), device=q.device,
+    alloc = torch.zeros if varlen else torch.empty  # varlen: rows past the last sequence are 0
+    out = alloc(split_shape, device=q.device, dtype=torch.float32 if num_splits > 1 else q.dtype)
+    mass_shape = (heads, q.shape[0]) if varlen else (batch, heads, len_q)
+    mass = torch.zeros((num_splits, *mass_shape) if return_mass else (1, 1, 1, 1), device=q.device,
                        dtype=torch.float32)  # fmt: skip
+    mass_strides = (0, *mass.stride()[1:3]) if varlen else mass.stride()[1:]
+    probs = torch.zeros((batch, heads, len_q, max_k) if return_probs else (1, 1, 1, 1), device=q.device,
+                        dtype=torch.float32)  # fmt: skip
     cache_strides = [(t.stride(0), t.stride(1), t.stride(2)) for t in (k_cache, v_cache)]
+    out_strides = _strides(out[0] if num_splits > 1 else out, varlen)
     grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads, num_splits)  # noqa: E731
     _fwd_kernel[grid](
-        q, k_cache, v_cache, out, mass, bias, alibi if alibi is not None else bias, _dummy(q), bounds,
-        block_table if paged else _dummy(q), kv_batch, *q.stride()[:3], *cache_strides[0], *cache_strides[1],
-        *out.stride()[-4:-1], out.stride(0) if num_splits > 1 else 0, *mass.stride()[1:], mass.stride(0), sab,
-        block_table.stride(0) if paged else 0, k_cache.shape[1].bit_length() - 1 if paged else 0, len_q, capacity,
+        q, k_cache, v_cache, out, mass, probs, bias, alibi if alibi is not None else bias,
+        cu_q if varlen else _dummy(q), bounds, block_table if paged else _dummy(q), kv_batch, *_strides(q, varlen),
+        *cache_strides[0], *cache_strides[1], *out_strides, out.stride(0) if num_splits > 1 else 0, *mass_strides,
+        mass.stride(0), sab, block_table.stride(0) if paged else 0, probs.stride(1), probs.stride(2), len_q, capacity,
         num_splits,
         -scale * LOG2E.value, softcap, *window, 0, 0.0,
-        H=heads, GROUP=heads // k_cache.shape[-2], KV_CACHE=True, PAGED=paged, RETURN_MASS=return_mass, **flags,
+        H=heads, GROUP=heads // k_cache.shape[-2], KV_CACHE=True, PAGE_SIZE=k_cache.shape[1] if paged else 0,
+        RETURN_MASS=return_mass, RETURN_PROBS=return_probs, **flags,
     )  # fmt: skip
     if num_splits > 1:
         out = out.sum(0).to(q.dtype)
-    return out, (mass.sum(0) if return_mass else None)
-
-
-def dropout_keep(seed, dropout_p, batch_heads, len_q, len_k, device):
-    """The kernels' dropout pattern as bools [batch·heads, len_q, len_k] (padded lengths)."""
-    keep = torch.empty(batch_heads, len_q, len_k, device=device, dtype=torch.int8)
-    _keep_kernel[(len_q, batch_heads)](keep, seed, dropout_p, len_q, len_k, BLOCK=64)
-    return keep.bool()
+    return out, (mass.sum(0) if return_mass else None), (probs if return_probs else None)
 
 
 def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, dropout_p, seed,

@@ -6,13 +6,14 @@
     python scripts/inspect_kernels.py --arch 90 --dtype bf16 --head-dim 128 --smallest   # every variant, quickly
 
 For each kernel (forward, backward dQ, backward dK/dV), architecture, dtype, head dim, variant
-(causal, window, ALiBi, varlen, bias gradient, softcap, dropout, paged KV cache) and autotune
-config that the launcher's prune rule keeps, Triton compiles ahead of time (`triton.compile`
-with a `GPUTarget`; ptxas and cuobjdump ship in the Triton wheel) and the SASS is read:
-registers, spill stores/loads (STL/LDL instructions), shared memory (and whether it fits the
-architecture), MUFU (special-function unit) instructions per attention element in the hot
-loop, FP32 ALU instructions per element there, and tensor-core instructions (HGMMA on sm_90,
-HMMA on sm_80). Cubins are kept under --out.
+(causal, window, ALiBi, varlen, bias gradient, softcap, dropout, paged KV cache with pages of
+256 and of 768 tokens, S_dmask) and autotune config that the launcher's prune rule keeps,
+Triton compiles ahead of time (`triton.compile` with a `GPUTarget`; ptxas and cuobjdump ship in
+the Triton wheel) and the SASS is read: registers, spill stores/loads (STL/LDL instructions) in
+the whole kernel and inside its loops (where they cost on every key or query block, not once
+per program), shared memory (and whether it fits the architecture), MUFU (special-function
+unit) instructions per attention element in the hot loop, FP32 ALU instructions per element
+there, and tensor-core instructions (HGMMA on sm_90, HMMA on sm_80). Cubins are kept under --out.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ VARIANTS = {  # constexpr flags beyond the defaults; each applies to the kernels
     "dbias": ({"NEED_DBIAS": True}, ["bwd_dq"]),
     "softcap": ({"SOFTCAP": True}, KERNELS),
     "dropout": ({"DROPOUT": True}, KERNELS),
-    "kvcache_paged": ({"CAUSAL": True, "KV_CACHE": True, "PAGED": True}, ["fwd"]),
+    "kvcache_paged": ({"CAUSAL": True, "KV_CACHE": True, "PAGE_SIZE": 256}, ["fwd"]),
+    "kvcache_paged_768": ({"CAUSAL": True, "KV_CACHE": True, "PAGE_SIZE": 768}, ["fwd"]),
+    "attn_probs": ({"CAUSAL": True, "RETURN_PROBS": True}, ["fwd"]),
 }
 DTYPES = {"fp16": "fp16", "bf16": "bf16"}
-POINTERS = {"Mass": "fp32", "Bias": "fp32", "Alibi": "fp32", "DBias": "fp32", "CuQ": "i32", "CuK": "i32",
-            "BlockTable": "i32", "KvBatch": "i32"}  # fmt: skip
+POINTERS = {"Mass": "fp32", "Probs": "fp32", "Bias": "fp32", "Alibi": "fp32", "DBias": "fp32", "CuQ": "i32",
+            "CuK": "i32", "BlockTable": "i32", "KvBatch": "i32"}  # fmt: skip
 FLOATS, INT64 = {"scale2", "cap", "dropout_p"}, {"seed"}
 ALU = r"\b(FFMA|FMUL|FADD|FMNMX|FSEL|FSETP|IADD3|IMAD|LOP3|SHF|F2FP|ISETP|SEL)"  # FP32 and integer pipes
 
@@ -82,7 +85,9 @@ def _signature(fn, dtype: str, constants: dict):
 
 
 def _hot_loop(sass: str, pattern: str) -> int:
-    """Matches of `pattern` in the innermost loop that has the most: loops are backward branches."""
+    """Matches of `pattern` in the innermost loop that has the most: loops are backward branches
+    (a kernel's key or query blocks; the dK/dV kernel's loop over a GQA group's heads encloses
+    them)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
     loops = []
     for addr, text in lines:
@@ -102,8 +107,8 @@ def inspect(job: dict) -> dict:
     fn = KERNELS[kernel].fn
     flags = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "CAUSAL": False,
              "HAS_WINDOW": False, "HAS_ALIBI": False, "IS_VARLEN": False, "SOFTCAP": False, "DROPOUT": False,
-             "KV_CACHE": False, "PAGED": False, "RETURN_MASS": False, "NEED_DBIAS": False, "FAST": True,
-             "UPCAST": False, "IEEE": False, "H": 16, "HK": 16, "GROUP": 1, **VARIANTS[variant][0],
+             "KV_CACHE": False, "PAGE_SIZE": 0, "RETURN_MASS": False, "RETURN_PROBS": False, "NEED_DBIAS": False,
+             "FAST": True, "UPCAST": False, "IEEE": False, "H": 16, "HK": 16, "GROUP": 1, **VARIANTS[variant][0],
              "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}  # fmt: skip
     constants = {k: v for k, v in flags.items() if k in fn.arg_names}
     sig, attrs = _signature(fn, dtype, constants)
@@ -123,6 +128,7 @@ def inspect(job: dict) -> dict:
         "block_m": config["BLOCK_M"], "block_n": config["BLOCK_N"], "num_warps": config["num_warps"],
         "num_stages": config["num_stages"], "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
         "spill_stores": len(re.findall(r"\bSTL", sass)), "spill_loads": len(re.findall(r"\bLDL", sass)),
+        "loop_spills": _hot_loop(sass, r"\b(STL|LDL)"),
         "shared_bytes": compiled.metadata.shared, "fits": compiled.metadata.shared <= SHARED_LIMIT[arch],
         "mufu": mufu, "mufu_per_element": round(mufu / per_thread, 3),
         "alu_per_element": round(_hot_loop(sass, ALU) / per_thread, 2),
@@ -165,15 +171,15 @@ def main(argv=None) -> list[dict]:
         for row in rows:
             print(json.dumps(row))
         return rows
-    head = (f"{'kernel':9} {'arch':5} {'dtype':5} {'d':>3} {'variant':13} {'tile':>7} {'w':>2} {'s':>2} {'regs':>4} "
-            f"{'spill st/ld':>11} {'smem KB':>8} {'MUFU/el':>7} {'ALU/el':>6} {'MMA':>4}")  # fmt: skip
+    head = (f"{'kernel':9} {'arch':5} {'dtype':5} {'d':>3} {'variant':17} {'tile':>7} {'w':>2} {'s':>2} {'regs':>4} "
+            f"{'spill st/ld':>11} {'in loop':>7} {'smem KB':>8} {'MUFU/el':>7} {'ALU/el':>6} {'MMA':>4}")  # fmt: skip
     print(head)
     for r in rows:
         smem = f"{r['shared_bytes'] / 1024:.0f}" + ("" if r["fits"] else "!")
-        print(f"{r['kernel']:9} {r['arch']:5} {r['dtype']:5} {r['head_dim']:>3} {r['variant']:13} "
+        print(f"{r['kernel']:9} {r['arch']:5} {r['dtype']:5} {r['head_dim']:>3} {r['variant']:17} "
               f"{r['block_m']:>3}x{r['block_n']:<3} {r['num_warps']:>2} {r['num_stages']:>2} {r['registers']:>4} "
-              f"{r['spill_stores']:>5}/{r['spill_loads']:<5} {smem:>8} {r['mufu_per_element']:>7.2f} "
-              f"{r['alu_per_element']:>6.1f} {r['tensor_core']:>4}")  # fmt: skip
+              f"{r['spill_stores']:>5}/{r['spill_loads']:<5} {r['loop_spills']:>7} {smem:>8} "
+              f"{r['mufu_per_element']:>7.2f} {r['alu_per_element']:>6.1f} {r['tensor_core']:>4}")  # fmt: skip
     return rows
 
 

@@ -71,7 +71,7 @@ def check_dropout(device):
     assert torch.equal(again, out) and not torch.equal(other, out)
 
 
-def _rotate_loops(x, cos, sin, positions, interleaved):
+def rotate_pairs(x, cos, sin, positions, interleaved):
     """Rotary embedding, pair by pair, in float64: x (T, H, D) at positions (T,)."""
     out = x.double().clone()
     half = cos.shape[1]
@@ -118,11 +118,11 @@ def check_kvcache(device, paged: bool, num_splits: int, rotary_interleaved=None)
     k_cache_after = args[1].cpu()
     for b in range(batch):
         start, end = int(leftpad[b]), int(seqlens[b]) + new
-        positions = list(range(int(seqlens[b]) - start, end - start))
+        positions = list(range(int(seqlens[b]), end))  # absolute cache positions, as flash-attn
         kb, qb = k_new[b], q[b]
         if cos is not None:
-            kb = _rotate_loops(kb, cos, sin, positions, rotary_interleaved)
-            qb = _rotate_loops(qb, cos, sin, positions, rotary_interleaved)
+            kb = rotate_pairs(kb, cos, sin, positions, rotary_interleaved)
+            qb = rotate_pairs(qb, cos, sin, positions, rotary_interleaved)
         keys = torch.cat([k_full[b, start : int(seqlens[b])].double(), kb.double()])
         values = torch.cat([v_full[b, start : int(seqlens[b])], v_new[b]]).double()
         ref, ref_mass, _ = brute_force.attention(qb[None].double(), keys[None], values[None], activation="sigmoid",

@@ -38,6 +38,14 @@ def compiled_dropout():
     return torch.compile(lambda q: flash_attn_func(q, K, V, dropout_p=0.1), backend="eager", fullgraph=True)(Q)
 
 
+TABLE = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+PAGES = torch.randn(4, 4, 4, 16, requires_grad=True)  # pages of 4 tokens: 8 per sequence
+
+
+def no_grad(call):
+    return torch.no_grad()(call)
+
+
 def bad_varlen(**kw):
     args = dict(q=PACKED, k=PACKED, v=PACKED, cu_seqlens_q=CU, cu_seqlens_k=CU, max_seqlen_q=5, max_seqlen_k=5) | kw
     return lambda: flash_attn_varlen_func(**args)
@@ -71,7 +79,9 @@ def bad_varlen(**kw):
         (bad(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be an int"),
         (compiled_dropout, Exception, "under torch.compile needs dropout_seed"),
         (bad(softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
-        (bad_varlen(return_attn_probs=True), NotImplementedError, "return_attn_probs is for tests on padded"),
+        (bad_varlen(block_table=TABLE, k=PAGES, v=PAGES), ValueError, "block_table is forward only"),
+        (no_grad(bad_varlen(block_table=TABLE, k=PAGES, v=PAGES, dropout_p=0.1)), ValueError, "paged keys are for"),
+        (no_grad(bad_varlen(block_table=TABLE[:, :1], k=PAGES, v=PAGES)), ValueError, "cu_seqlens_k length"),
         (bad_cache(), ValueError, r"cache_seqlens \+ 2 new tokens exceeds its 16 tokens"),
         (bad_cache(cache_seqlens=torch.tensor([3, 4])), ValueError, "cache_seqlens must be an int32 tensor"),
         (bad_cache(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, r"shape \(2,\)"),
@@ -91,7 +101,7 @@ def bad_varlen(**kw):
                 block_table=torch.zeros(2, 2, dtype=torch.int32),
             ),
             ValueError,
-            "must be a power of two, got 6",
+            r"cache_seqlens \+ 2 new tokens exceeds its 12 tokens",
         ),  # fmt: skip
         (bad_cache(k=None), ValueError, "k and v are given together"),
         (bad_cache(k=K[:, :2, :2]), ValueError, "k and v must be"),

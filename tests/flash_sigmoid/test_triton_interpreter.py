@@ -4,6 +4,7 @@ Triton fixes interpreter mode when kernels are defined, so the accuracy cases ru
 fresh process with TRITON_INTERPRET=1 (there the same API calls dispatch to the kernels).
 Run them directly with:
     TRITON_INTERPRET=1 python -m pytest tests/flash_sigmoid/test_accuracy.py tests/flash_sigmoid/test_features.py \
+        tests/flash_sigmoid/test_flash_attn_semantics.py \
         tests/flash_sigmoid/test_kernel_helpers.py
 """
 
@@ -22,7 +23,7 @@ pytest.importorskip("triton")
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
 def test_accuracy_cases_on_the_triton_kernels():
-    names = ("test_accuracy.py", "test_features.py", "test_kernel_helpers.py")
+    names = ("test_accuracy.py", "test_features.py", "test_flash_attn_semantics.py", "test_kernel_helpers.py")
     cases = [Path(__file__).with_name(name) for name in names]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, cases)],

@@ -1,6 +1,7 @@
 """Every CUDA branch, for a machine with a GPU: `python -m pytest -m gpu` (skipped without one).
 
-The Triton kernels against the brute-force reference on the device, flash-attn's backend when
+The Triton kernels against the brute-force reference on the device (flash-attn's window,
+rotary, paged-varlen and page-size semantics too), flash-attn's backend when
 installed, the trainer in bf16 and fp16 with CUDA random states resumed exactly (streamed text
 too), padded
 training steps that never synchronise, NCCL with two GPUs (DDP, FSDP2 with context parallelism
@@ -24,7 +25,7 @@ from attention_simulator.models.asr import SpeechRecognizer
 from flash_sigmoid import flash_attn_func, flash_attn_varlen_func
 
 from ..attention_simulator.backend_checks import check_backends
-from ..flash_sigmoid import feature_checks
+from ..flash_sigmoid import feature_checks, semantics_checks
 from ..flash_sigmoid.helpers import SHAPES, criterion, make_inputs, reference_run
 from ..helpers import train
 
@@ -69,6 +70,25 @@ def test_dropout_on_the_device():
 @pytest.mark.parametrize("paged, num_splits, rotary", [(False, 1, None), (True, 3, True), (True, 0, False)])
 def test_kvcache_on_the_device(paged, num_splits, rotary):
     feature_checks.check_kvcache("cuda", paged, num_splits, rotary)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k, window, causal", semantics_checks.WINDOW_CASES)
+def test_flash_attn_windows_on_the_device(seqlen_q, seqlen_k, window, causal):
+    semantics_checks.check_windows("cuda", seqlen_q, seqlen_k, window, causal)
+
+
+def test_varlen_windows_and_attn_probs_from_the_kernel():
+    semantics_checks.check_varlen_windows_and_probs("cuda", (1, -1), False)
+
+
+@pytest.mark.parametrize("page", [16, 24, 768])
+def test_paged_varlen_on_the_device(page):
+    semantics_checks.check_paged_varlen("cuda", page, causal=True)
+
+
+@pytest.mark.parametrize("paged, interleaved, causal, window, page", semantics_checks.KVCACHE_CASES)
+def test_kvcache_semantics_on_the_device(paged, interleaved, causal, window, page):
+    semantics_checks.check_kvcache_semantics("cuda", paged, interleaved, causal, window, page)
 
 
 def test_torch_compile_on_the_device():
