@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -28,6 +29,9 @@ from .rundir import RunLock, save_configs, snapshot, undo_start
 from .tracking import Tracker, final_values
 from .trainer import Trainer
 
+if TYPE_CHECKING:
+    from .attention import AttentionConfig
+
 log = logging.getLogger("attention_simulator.train")  # not __name__: this module runs as __main__
 
 
@@ -36,10 +40,11 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def build_model(cfg: DictConfig, model_args: dict) -> torch.nn.Module:
-    """The `model/` config with the `attention/` config and what the data decides (e.g. the
-    vocabulary size). A partial: instantiate would turn the AttentionConfig back into a node."""
-    return build(cfg.model, _partial_=True)(attention=build(cfg.attention), **model_args)
+def build_model(cfg: DictConfig, model_args: dict, attention: AttentionConfig | None = None) -> torch.nn.Module:
+    """The `model/` config with the attention config (built from `attention/` unless given) and
+    what the data decides (e.g. the vocabulary size). A partial: instantiate would turn the
+    AttentionConfig back into a node."""
+    return build(cfg.model, _partial_=True)(attention=attention or build(cfg.attention), **model_args)
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
@@ -73,8 +78,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     """Build every component of a composed config into a Trainer restored from its checkpoint
     (one per process under torchrun: only rank 0's writes files)."""
     validate(cfg)
-    trainer_cfg = build(cfg.trainer)
-    check_context_parallel(trainer_cfg.context_parallel, cfg, build(cfg.attention), trainer_cfg.compile)
+    trainer_cfg, attention = build(cfg.trainer), build(cfg.attention)
+    check_context_parallel(trainer_cfg.context_parallel, cfg, attention, trainer_cfg.compile)
     world, trainer_cfg.device = join(trainer_cfg.device)
     parallel = Parallel.setup(world, trainer_cfg.device, trainer_cfg.parallel, trainer_cfg.context_parallel)
     run_dir = shared_run_dir(run_dir, world)
@@ -90,7 +95,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     check_model_fits_data(cfg, data.model_args)
     if (note := unused_sigmoid_options(cfg)) and world.is_main:
         log.info(note)
-    model = build_model(cfg, data.model_args)
+    model = build_model(cfg, data.model_args, attention)
     optimizer, learning_rate = build_optimizer(cfg, model)
     diagnostics = Diagnostics(build(cfg.diagnostics), model)
     trainer = Trainer(

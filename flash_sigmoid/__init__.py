@@ -17,7 +17,7 @@ negated where dropout dropped them; flash-attn rounds the two lengths up to mult
 
 from __future__ import annotations
 
-from .interface import FlashSigmoidFunction, _run
+from .interface import FlashSigmoidFunction, attention
 from .kvcache import flash_attn_with_kvcache, paged_varlen
 
 __all__ = [
@@ -45,7 +45,7 @@ def flash_attn_func(
 ):  # fmt: skip
     """q: [B, Tq, H, D]; k, v: [B, Tk, Hk, D] (H a multiple of Hk: MQA / GQA). The backward is
     always deterministic (no atomics); `deterministic` is accepted for compatibility."""
-    return _run(
+    return attention(
         q, k, v, None, None, 0, 0, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs,
         sigmoid_bias=sigmoid_bias, return_attn_mass=return_attn_mass, dropout_seed=dropout_seed,
@@ -87,7 +87,7 @@ def flash_attn_varlen_func(
                             dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                             softcap=softcap, alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs,
                             sigmoid_bias=sigmoid_bias, return_attn_mass=return_attn_mass)  # fmt: skip
-    return _run(
+    return attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), dropout_p=dropout_p,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs, sigmoid_bias=sigmoid_bias,

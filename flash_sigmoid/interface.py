@@ -19,11 +19,11 @@ MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _kernels():
+def kernels():
     from . import triton_kernels  # imported on first use: Triton fixes interpreter mode at import
 
     return triton_kernels
@@ -87,8 +87,8 @@ def _fwd(
     return_probs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     options = (scale, causal, (window_left, window_right), softcap, dropout_p, seed)
-    if _use_triton(q):
-        out, mass, probs = _kernels().forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, return_mass,
+    if use_triton(q):
+        out, mass, probs = kernels().forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, return_mass,
                                               return_probs)  # fmt: skip
     else:
         out, mass, probs = _cpu_forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, return_probs)
@@ -117,8 +117,8 @@ def _bwd(
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     options = (scale, causal, (window_left, window_right), softcap, dropout_p, seed)
-    if _use_triton(q):
-        return _kernels().backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, need_dbias)
+    if use_triton(q):
+        return kernels().backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, *options, need_dbias)
     return _cpu_backward(do, q, k, v, bias, alibi, cu_q, cu_k, *options)
 
 
@@ -153,7 +153,7 @@ class FlashSigmoidFunction(torch.autograd.Function):
 # ---- argument checks -----------------------------------------------------------------------------
 
 
-def _fail(message: str):
+def fail(message: str):
     raise ValueError(f"flash_sigmoid: {message}")
 
 
@@ -163,24 +163,24 @@ def _check_qkv(q, k, v, packed: bool):
     layout = "[total_tokens, heads, head_dim]" if packed else "[batch, seqlen, heads, head_dim]"
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
-            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+            fail(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
         if t.ndim != want:
-            _fail(f"{name} must be {layout}, got shape {tuple(t.shape)}.")
+            fail(f"{name} must be {layout}, got shape {tuple(t.shape)}.")
         if t.dtype != q.dtype or t.device != q.device:
-            _fail(
+            fail(
                 f"q, k, v must share dtype and device; {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}."
             )
-    if q.dtype not in KERNEL_DTYPES and not (q.dtype == torch.float64 and not _use_triton(q)):
-        _fail(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32 (float64 on the CPU path only).")
+    if q.dtype not in KERNEL_DTYPES and not (q.dtype == torch.float64 and not use_triton(q)):
+        fail(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32 (float64 on the CPU path only).")
     if k.shape != v.shape:
-        _fail(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
+        fail(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
     if not packed and (k.shape[0] != q.shape[0]):
-        _fail(f"q and k have different batch sizes ({q.shape[0]} and {k.shape[0]}).")
+        fail(f"q and k have different batch sizes ({q.shape[0]} and {k.shape[0]}).")
     head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
     if k.shape[-1] != head_dim or not 0 < head_dim <= MAX_HEAD_DIM:
-        _fail(f"head_dim must be equal for q, k, v and in 1..{MAX_HEAD_DIM}; got {head_dim} and {k.shape[-1]}.")
+        fail(f"head_dim must be equal for q, k, v and in 1..{MAX_HEAD_DIM}; got {head_dim} and {k.shape[-1]}.")
     if kv_heads == 0 or heads % kv_heads:
-        _fail(f"the number of query heads ({heads}) must be a multiple of the number of key/value heads ({kv_heads}).")
+        fail(f"the number of query heads ({heads}) must be a multiple of the number of key/value heads ({kv_heads}).")
 
 
 def window_bounds(window_size, causal: bool, seqlen_k: int) -> tuple[int, int]:
@@ -196,9 +196,9 @@ def window_bounds(window_size, causal: bool, seqlen_k: int) -> tuple[int, int]:
     except (TypeError, ValueError):
         pair = []
     if len(pair) != 2:
-        _fail(f"window_size must be a pair of ints (left, right), got {window_size!r}.")
+        fail(f"window_size must be a pair of ints (left, right), got {window_size!r}.")
     if min(pair) < -1:
-        _fail(f"window_size={tuple(pair)}: sizes must be >= 0, or -1 for unbounded.")
+        fail(f"window_size={tuple(pair)}: sizes must be >= 0, or -1 for unbounded.")
     left, right = (-1 if w >= seqlen_k else w for w in pair)
     if causal:
         right = 0
@@ -207,19 +207,19 @@ def window_bounds(window_size, causal: bool, seqlen_k: int) -> tuple[int, int]:
     return left, right
 
 
-def _check_options(q, dropout_p, softcap, alibi_slopes, batch):
+def check_options(q, dropout_p, softcap, alibi_slopes, batch):
     """The alibi slopes at unit stride (the kernels index them so); the option values checked."""
     if not (isinstance(dropout_p, (int, float)) and 0 <= dropout_p < 1):
-        _fail(f"dropout_p must be a float in [0, 1), got {dropout_p!r}.")
+        fail(f"dropout_p must be a float in [0, 1), got {dropout_p!r}.")
     if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
-        _fail(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}.")
+        fail(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}.")
     if alibi_slopes is None:
         return None
     heads = q.shape[-2]
     if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-        _fail("alibi_slopes must be a float32 tensor of shape [heads] or [batch, heads].")
+        fail("alibi_slopes must be a float32 tensor of shape [heads] or [batch, heads].")
     if alibi_slopes.device != q.device or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
-        _fail(f"alibi_slopes has shape {tuple(alibi_slopes.shape)} on {alibi_slopes.device}; expected ({heads},) "
+        fail(f"alibi_slopes has shape {tuple(alibi_slopes.shape)} on {alibi_slopes.device}; expected ({heads},) "
               f"or ({batch}, {heads}) on {q.device}.")  # fmt: skip
     return alibi_slopes.contiguous()
 
@@ -229,43 +229,43 @@ def _dropout_seed(dropout_p, dropout_seed) -> int:
     sync; saved and restored with the other RNG states by checkpoints)."""
     if dropout_seed is not None:
         if not isinstance(dropout_seed, int) or not 0 <= dropout_seed < 2**63:
-            _fail(f"dropout_seed must be an int in [0, 2**63), got {dropout_seed!r}.")
+            fail(f"dropout_seed must be an int in [0, 2**63), got {dropout_seed!r}.")
         return dropout_seed
     if not dropout_p:
         return 0
     if torch.compiler.is_compiling():
-        _fail("dropout_p > 0 under torch.compile needs dropout_seed=<int>: drawing a seed from torch's generator "
+        fail("dropout_p > 0 under torch.compile needs dropout_seed=<int>: drawing a seed from torch's generator "
               "would break the graph.")  # fmt: skip
     return int(torch.randint(0, 2**62, ()))
 
 
-def _bias_table(sigmoid_bias, q, batch: int) -> torch.Tensor:
+def bias_table(sigmoid_bias, q, batch: int) -> torch.Tensor:
     """The bias as a contiguous [batch, heads] table, fp32 (fp64 for fp64 inputs); expanded from
     a float, [] or [heads] (autograd sums the gradient back to the caller's shape)."""
     heads, dtype = q.shape[-2], torch.promote_types(q.dtype, torch.float32)
     if isinstance(sigmoid_bias, torch.Tensor):
         if tuple(sigmoid_bias.shape) not in ((), (heads,), (batch, heads)):
-            _fail(f"sigmoid_bias must be a float or a tensor of shape [], [{heads}] or [{batch}, {heads}], "
+            fail(f"sigmoid_bias must be a float or a tensor of shape [], [{heads}] or [{batch}, {heads}], "
                   f"got {tuple(sigmoid_bias.shape)}.")  # fmt: skip
         if sigmoid_bias.ndim and sigmoid_bias.device != q.device:
-            _fail(f"sigmoid_bias is on {sigmoid_bias.device}, q on {q.device}.")
+            fail(f"sigmoid_bias is on {sigmoid_bias.device}, q on {q.device}.")
         return sigmoid_bias.to(device=q.device, dtype=dtype).expand(batch, heads).contiguous()
     if not isinstance(sigmoid_bias, (int, float)) or not math.isfinite(sigmoid_bias):
-        _fail(f"sigmoid_bias must be a finite float or a tensor, got {sigmoid_bias!r}.")
+        fail(f"sigmoid_bias must be a finite float or a tensor, got {sigmoid_bias!r}.")
     return torch.full((batch, heads), float(sigmoid_bias), device=q.device, dtype=dtype)
 
 
-def _check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
+def check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
     """Shapes and types always; values where that costs no device sync (CPU tensors). On CUDA
     the values are asserted on the device (torch._assert_async), which raises at the next
     synchronisation instead of stalling every call."""
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.ndim != 1 or cu.numel() < 2:
-            _fail(f"{name} must be a 1-D int32 tensor of batch + 1 offsets.")
+            fail(f"{name} must be a 1-D int32 tensor of batch + 1 offsets.")
         if cu.device != device:
-            _fail(f"{name} is on {cu.device}, q on {device}.")
+            fail(f"{name} is on {cu.device}, q on {device}.")
     if cu_q.numel() != cu_k.numel():
-        _fail(f"cu_seqlens_q and cu_seqlens_k describe {cu_q.numel() - 1} and {cu_k.numel() - 1} sequences.")
+        fail(f"cu_seqlens_q and cu_seqlens_k describe {cu_q.numel() - 1} and {cu_k.numel() - 1} sequences.")
     if torch.compiler.is_compiling():
         return  # value checks need the host; under compile the caller vouches for them
     for name, cu, max_len, total in (("q", cu_q, max_q, total_q), ("k", cu_k, max_k, total_k)):
@@ -276,22 +276,23 @@ def _check_cu_seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k, device):
         if cu.is_cuda:
             torch._assert_async(~bad, message)
         elif bad.item():
-            _fail(f"{message.removeprefix('flash_sigmoid: ')}; got {cu.tolist()}.")
+            fail(f"{message.removeprefix('flash_sigmoid: ')}; got {cu.tolist()}.")
 
 
-def _run(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-         return_attn_probs, sigmoid_bias, return_attn_mass, dropout_seed=None):  # fmt: skip
+def attention(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, softmax_scale, causal, window_size, softcap,
+              alibi_slopes, return_attn_probs, sigmoid_bias, return_attn_mass, dropout_seed=None):  # fmt: skip
+    """Checks, then the autograd function: what every padded and varlen entry point calls."""
     packed = cu_q is not None
     _check_qkv(q, k, v, packed)
     batch = cu_q.numel() - 1 if packed else q.shape[0]
-    alibi_slopes = _check_options(q, dropout_p, softcap, alibi_slopes, batch)
+    alibi_slopes = check_options(q, dropout_p, softcap, alibi_slopes, batch)
     window = window_bounds(window_size, causal, max_k if packed else k.shape[1])
     seed = _dropout_seed(dropout_p, dropout_seed)
     if packed:
-        _check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], k.shape[0], q.device)
+        check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], k.shape[0], q.device)
         cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels read offsets at unit stride
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    bias = _bias_table(sigmoid_bias, q, batch)
+    bias = bias_table(sigmoid_bias, q, batch)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     options = (scale, causal, window, float(softcap), float(dropout_p), seed)
     out, mass, probs = FlashSigmoidFunction.apply(q, k, v, bias, alibi_slopes, cu_q, cu_k, max_q, max_k, *options,

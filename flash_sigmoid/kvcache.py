@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import reference
-from .interface import _bias_table, _check_cu_seqlens, _check_options, _fail, _kernels, _use_triton, window_bounds
+from .interface import bias_table, check_cu_seqlens, check_options, fail, kernels, use_triton, window_bounds
 
 
 def _rotate(x, cos, sin, positions, interleaved: bool):
@@ -33,35 +33,35 @@ def _rotate(x, cos, sin, positions, interleaved: bool):
 def _check(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
     for name, t, ndim in (("q", q, 4), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if not isinstance(t, torch.Tensor) or t.ndim != ndim:
-            _fail(f"{name} must be a 4-D tensor [batch, seqlen, heads, head_dim] (k_cache, v_cache paged: "
+            fail(f"{name} must be a 4-D tensor [batch, seqlen, heads, head_dim] (k_cache, v_cache paged: "
                   f"[num_blocks, page_block_size, heads, head_dim]).")  # fmt: skip
         if t.dtype != q.dtype or t.device != q.device:
-            _fail(f"q, k_cache, v_cache must share dtype and device; {name} is {t.dtype} on {t.device}.")
+            fail(f"q, k_cache, v_cache must share dtype and device; {name} is {t.dtype} on {t.device}.")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        _fail("k_cache and v_cache need unit stride in head_dim (they are written in place, so not copied).")
+        fail("k_cache and v_cache need unit stride in head_dim (they are written in place, so not copied).")
     if k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1] or q.shape[-2] % k_cache.shape[-2]:
-        _fail(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be equal, with q's head_dim "
+        fail(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be equal, with q's head_dim "
               f"and a number of heads dividing q's {q.shape[-2]}.")  # fmt: skip
     if (k is None) != (v is None):
-        _fail("k and v are given together, or neither.")
+        fail("k and v are given together, or neither.")
     if k is not None and (k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != k_cache.shape[2:]):
-        _fail(f"k and v must be [batch={q.shape[0]}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}], "
+        fail(f"k and v must be [batch={q.shape[0]}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}], "
               f"got {tuple(k.shape)} and {tuple(v.shape)}.")  # fmt: skip
     batch = q.shape[0]
     for name, t in (("cache_seqlens", cache_seqlens), ("cache_batch_idx", cache_batch_idx),
                     ("cache_leftpad", cache_leftpad)):  # fmt: skip
         if isinstance(t, torch.Tensor) and (t.dtype != torch.int32 or tuple(t.shape) != (batch,) or
                                             t.device != q.device):  # fmt: skip
-            _fail(f"{name} must be an int32 tensor of shape ({batch},) on {q.device}, got {t.dtype} "
+            fail(f"{name} must be an int32 tensor of shape ({batch},) on {q.device}, got {t.dtype} "
                   f"{tuple(t.shape)} on {t.device}.")  # fmt: skip
     if not (cache_seqlens is None or isinstance(cache_seqlens, (int, torch.Tensor))):
-        _fail(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}.")
+        fail(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}.")
     if block_table is not None:
         if block_table.dtype != torch.int32 or block_table.ndim != 2 or block_table.shape[0] != batch:
-            _fail(f"block_table must be int32 [batch={batch}, max_blocks_per_seq], got {block_table.dtype} "
+            fail(f"block_table must be int32 [batch={batch}, max_blocks_per_seq], got {block_table.dtype} "
                   f"{tuple(block_table.shape)}.")  # fmt: skip
         if cache_batch_idx is not None:
-            _fail("cache_batch_idx cannot be combined with block_table: the table already maps each sequence.")
+            fail("cache_batch_idx cannot be combined with block_table: the table already maps each sequence.")
 
 
 def _check_capacity(ends, capacity: int, what: str):
@@ -151,7 +151,7 @@ def flash_attn_with_kvcache(
     """
     _check(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     batch, device = q.shape[0], q.device
-    alibi_slopes = _check_options(q, 0.0, softcap, alibi_slopes, batch)
+    alibi_slopes = check_options(q, 0.0, softcap, alibi_slopes, batch)
     int32 = dict(device=device, dtype=torch.int32)
     seqlens = torch.full((batch,), cache_seqlens or 0, **int32) if not isinstance(cache_seqlens, torch.Tensor) \
         else cache_seqlens  # fmt: skip
@@ -172,13 +172,13 @@ def flash_attn_with_kvcache(
         _append(v_cache, v, seqlens, kv_batch, block_table)
     bounds = torch.stack([leftpad, seqlens + new - leftpad], dim=1).contiguous()  # (first token, length) per row
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    bias = _bias_table(sigmoid_bias, q, batch)
+    bias = bias_table(sigmoid_bias, q, batch)
     q = q if q.stride(-1) == 1 else q.contiguous()
     options = (scale, causal, window, float(softcap))
     want_mass = return_softmax_lse or return_attn_mass
-    if _use_triton(q):
+    if use_triton(q):
         splits = _splits(num_splits, q, capacity)
-        out, mass, _ = _kernels().forward_kvcache(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch,
+        out, mass, _ = kernels().forward_kvcache(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch,
                                                block_table, *options, splits, want_mass)  # fmt: skip
     else:
         out, mass = _cpu_attention(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch, block_table, *options)
@@ -191,31 +191,31 @@ def paged_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, block_table, *, 
     keys, sequence b reading tokens 0 … cu_k[b+1] − cu_k[b] − 1 of the pages block_table[b]
     names. Forward only, as in flash-attn (its backward does not read pages)."""
     if not isinstance(q, torch.Tensor) or q.ndim != 3:
-        _fail(f"q must be [total_tokens, heads, head_dim], got {getattr(q, 'shape', type(q).__name__)}.")
+        fail(f"q must be [total_tokens, heads, head_dim], got {getattr(q, 'shape', type(q).__name__)}.")
     batch = cu_q.numel() - 1 if isinstance(cu_q, torch.Tensor) else 0
     _check(q.new_empty(batch, 0, *q.shape[1:]), k_cache, v_cache, None, None, None, None, None, block_table)
     capacity = block_table.shape[1] * k_cache.shape[1]
-    _check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], batch * capacity, q.device)
+    check_cu_seqlens(cu_q, cu_k, max_q, max_k, q.shape[0], batch * capacity, q.device)
     _check_capacity(cu_k.diff(), capacity, "a sequence's cu_seqlens_k length")
     if dropout_p:
-        _fail(f"dropout_p={dropout_p} with block_table: paged keys are for inference; use dropout_p=0.")
+        fail(f"dropout_p={dropout_p} with block_table: paged keys are for inference; use dropout_p=0.")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        _fail("block_table is forward only (flash-attn's backward does not read pages either): run it under "
+        fail("block_table is forward only (flash-attn's backward does not read pages either): run it under "
               "torch.no_grad(), or pass contiguous k, v to train.")  # fmt: skip
-    alibi_slopes = _check_options(q, 0.0, softcap, alibi_slopes, batch)
+    alibi_slopes = check_options(q, 0.0, softcap, alibi_slopes, batch)
     window = window_bounds(window_size, causal, max_k)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     lengths = cu_k.diff().to(torch.int32)
     bounds = torch.stack([torch.zeros_like(lengths), lengths], dim=1).contiguous()
     kv_batch = torch.arange(batch, device=q.device, dtype=torch.int32)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    bias = _bias_table(sigmoid_bias, q, batch)
+    bias = bias_table(sigmoid_bias, q, batch)
     q = q if q.stride(-1) == 1 else q.contiguous()
     options = (scale, causal, window, float(softcap))
     want_mass = return_attn_mass or return_attn_probs
     with torch.no_grad():
-        if _use_triton(q):
-            out, mass, probs = _kernels().forward_kvcache(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch,
+        if use_triton(q):
+            out, mass, probs = kernels().forward_kvcache(q, k_cache, v_cache, bias, alibi_slopes, bounds, kv_batch,
                                                           block_table, *options, 1, want_mass, cu_q, max_q, max_k,
                                                           return_attn_probs)  # fmt: skip
         else:

@@ -20,7 +20,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def tile_dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation. IEEE: no TF32 for fp32 inputs. UPCAST (bf16 under the
     interpreter, whose bf16 dot is wrong): the operands as fp32, i.e. exact products with fp32
     accumulation, which is what the hardware does."""
@@ -33,7 +33,7 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+def tile_cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16 (twice
     the hardware's error), so under UPCAST the rounding is done on the bits first."""
     if UPCAST:
@@ -44,7 +44,7 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _sigmoid2(t, FAST: tl.constexpr):
+def sigmoid2(t, FAST: tl.constexpr):
     """1 / (1 + 2ᵗ) = σ(−t·ln 2): one MUFU.EX2; the reciprocal by Newton's method when FAST."""
     if FAST:
         y = 1.0 + tl.exp2(tl.minimum(t, 125.0))  # y ≤ 2¹²⁵: the seed stays a normal float
@@ -56,7 +56,7 @@ def _sigmoid2(t, FAST: tl.constexpr):
 
 
 @triton.jit
-def _seq_bounds(Cu, b, fixed_len, IS_VARLEN: tl.constexpr):
+def seq_bounds(Cu, b, fixed_len, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
         start = tl.load(Cu + b)
         return start, tl.load(Cu + b + 1) - start
@@ -65,56 +65,56 @@ def _seq_bounds(Cu, b, fixed_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _rows(b, start, offs, sb, st):
+def row_offsets(b, start, offs, sb, st):
     """Element offsets of rows `offs` of sequence b starting at token `start`, in int64: batch ×
     stride and token × stride pass 2³¹ in long contexts."""
     return b.to(tl.int64) * sb + (offs.to(tl.int64) + start) * st
 
 
 @triton.jit
-def _tile_offsets(b, start, offs, head, sb, st, sh, offs_d):
+def tile_offsets(b, start, offs, head, sb, st, sh, offs_d):
     """Element offsets (rows, BLOCK_D) of rows `offs` of one head of sequence b."""
-    return (_rows(b, start, offs, sb, st) + head.to(tl.int64) * sh)[:, None] + offs_d[None, :]
+    return (row_offsets(b, start, offs, sb, st) + head.to(tl.int64) * sh)[:, None] + offs_d[None, :]
 
 
 @triton.jit
-def _load_rows(Ptr, rows, head, sh, valid, offs_d, HEAD_DIM: tl.constexpr):
+def load_rows(Ptr, rows, head, sh, valid, offs_d, HEAD_DIM: tl.constexpr):
     """Tile (rows, BLOCK_D) of one head at precomputed row offsets; invalid rows read 0."""
     mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     return tl.load(Ptr + (rows + head.to(tl.int64) * sh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_tile(Ptr, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
+def load_tile(Ptr, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
     """Rows `offs` (< length) of one head of sequence b, starting at token `start`: (rows, BLOCK_D)."""
-    return _load_rows(Ptr, _rows(b, start, offs, sb, st), head, sh, offs < length, offs_d, HEAD_DIM)
+    return load_rows(Ptr, row_offsets(b, start, offs, sb, st), head, sh, offs < length, offs_d, HEAD_DIM)
 
 
 @triton.jit
-def _store_tile(Ptr, value, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
+def store_tile(Ptr, value, b, start, offs, head, sb, st, sh, length, offs_d, HEAD_DIM: tl.constexpr):
     mask = (offs[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(Ptr + _tile_offsets(b, start, offs, head, sb, st, sh, offs_d), value, mask=mask)
+    tl.store(Ptr + tile_offsets(b, start, offs, head, sb, st, sh, offs_d), value, mask=mask)
 
 
 @triton.jit
-def _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
+def tile_probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
            MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
            SOFTCAP: tl.constexpr, FAST: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """p = σ(s) with s = c(scale·q·kᵀ) + bias − slope·|i + diag − j|, where c is the softcap
     x ↦ cap·tanh(x/cap) (identity without), 0 outside the mask; and c's derivative
     1 − tanh²(x/cap) (1.0 without): (M, N). scale2 = −scale·log₂e, bias2 = −bias·log₂e,
     slope2 = slope·log₂e (see the module's note). MASKED off: every (i, j) is allowed."""
-    t = _dot(q, tl.trans(k), UPCAST, IEEE) * scale2  # −x·log₂e; with the bias below, one FMA
+    t = tile_dot(q, tl.trans(k), UPCAST, IEEE) * scale2  # −x·log₂e; with the bias below, one FMA
     dcap = 1.0
     if SOFTCAP:  # tanh(x/cap) = 1 − 2σ(−2x/cap): a second ex2, no tanh unit
-        th = 1.0 - 2.0 * _sigmoid2(t * (-2.0 / cap), FAST)
+        th = 1.0 - 2.0 * sigmoid2(t * (-2.0 / cap), FAST)
         t = th * (-cap * LOG2E)
         dcap = 1.0 - th * th
     t += bias2
     rel = offs_n[None, :] - offs_m[:, None] - diag  # j − (i + Tk − Tq)
     if HAS_ALIBI:
         t += slope2 * tl.abs(rel).to(tl.float32)
-    p = _sigmoid2(t, FAST)
+    p = sigmoid2(t, FAST)
     if MASKED:
         allowed = (offs_n < k_len)[None, :]
         if CAUSAL:
@@ -126,15 +126,15 @@ def _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_le
 
 
 @triton.jit
-def _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI: tl.constexpr):
-    """(bias2, slope2) of head h of sequence b, in the base-2 units `_probs` takes."""
+def head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI: tl.constexpr):
+    """(bias2, slope2) of head h of sequence b, in the base-2 units `tile_probs` takes."""
     bias2 = tl.load(Bias + pid_bh) * -LOG2E
     slope2 = tl.load(Alibi + b * sab + h) * LOG2E if HAS_ALIBI else 0.0
     return bias2, slope2
 
 
 @triton.jit
-def _keep(seed, pid_bh, offs_m, start_n, len_q_max, len_k_max, dropout_p, BLOCK_N: tl.constexpr):
+def dropout_keep(seed, pid_bh, offs_m, start_n, len_q_max, len_k_max, dropout_p, BLOCK_N: tl.constexpr):
     """The dropout pattern of the tile (offs_m, start_n … start_n + BLOCK_N): element (b·h, i, j)
     is kept when its counter-based random number is at least dropout_p, the same in every
     kernel. One Philox call (seed; counter = the index of (b·h, i, j // 4)) gives the four
@@ -147,7 +147,7 @@ def _keep(seed, pid_bh, offs_m, start_n, len_q_max, len_k_max, dropout_p, BLOCK_
 
 
 @triton.jit
-def _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):  # fmt: skip
     """Key blocks for query rows [start_m, start_m + BLOCK_M), as three block-aligned bounds:
     [lo, mid_lo) and [mid_hi, hi) need the mask (window edge, diagonal, ragged end); every
@@ -173,9 +173,9 @@ def _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _query_range(start_n, diag, q_len, k_len, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def query_range(start_n, diag, q_len, k_len, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):  # fmt: skip
-    """Query blocks that see keys [start_n, start_n + BLOCK_N), as `_key_range`'s three bounds:
+    """Query blocks that see keys [start_n, start_n + BLOCK_N), as `key_range`'s three bounds:
     every (i, j) of a query block in [mid_lo, mid_hi) is allowed."""
     lo = 0
     hi = q_len

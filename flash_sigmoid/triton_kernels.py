@@ -28,24 +28,24 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E,
-    _cast,
-    _dot,
-    _head_terms,
-    _keep,
-    _key_range,
-    _load_rows,
-    _load_tile,
-    _probs,
-    _query_range,
-    _rows,
-    _seq_bounds,
-    _store_tile,
+    dropout_keep,
+    head_terms,
+    key_range,
+    load_rows,
+    load_tile,
+    query_range,
+    row_offsets,
+    seq_bounds,
+    store_tile,
+    tile_cast,
+    tile_dot,
+    tile_probs,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs():
+def autotune_configs():
     if INTERPRET:  # the interpreter runs on numpy: one small tile keeps it fast
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     return [
@@ -126,7 +126,7 @@ def _key_rows(K, V, BlockTable, b, kv_b, k_start, offs_n, k_len, skb, skt, svb, 
         else:
             return kv_b.to(tl.int64) * skb + pos * skt, kv_b.to(tl.int64) * svb + pos * svt
     else:
-        return _rows(b, k_start, offs_n, skb, skt), _rows(b, k_start, offs_n, svb, svt)
+        return row_offsets(b, k_start, offs_n, skb, skt), row_offsets(b, k_start, offs_n, svb, svt)
 
 
 @triton.jit
@@ -147,9 +147,9 @@ def _span(phase: tl.constexpr, lo, mid_lo, mid_hi, hi):
         return mid_hi, hi
 
 
-@triton.autotune(configs=_configs(), key=_FWD_KEY, prune_configs_by=_pruner("fwd"))
+@triton.autotune(configs=autotune_configs(), key=_FWD_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
-def _fwd_kernel(
+def fwd_kernel(
     Q, K, V, Out, Mass, Probs, Bias, Alibi, CuQ, CuK, BlockTable, KvBatch,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, sos, smb, smh, smt, sms, sab, sbt, spb, spm,
     seqlen_q, seqlen_k, num_splits, scale2, cap, win_left, win_right, seed, dropout_p,
@@ -162,11 +162,11 @@ def _fwd_kernel(
     pid_m, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = pid_bh // H, pid_bh % H
     hk = h // GROUP
-    q_start, q_len = _seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
+    q_start, q_len = seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
     if KV_CACHE:  # CuK holds (first token, length) per sequence
         k_start, k_len = tl.load(CuK + 2 * b), tl.load(CuK + 2 * b + 1)
     else:
-        k_start, k_len = _seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
+        k_start, k_len = seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
     kv_b = tl.load(KvBatch + b) if KV_CACHE else b
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
@@ -174,11 +174,11 @@ def _fwd_kernel(
     diag = k_len - q_len
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
-    bias2, slope2 = _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
+    q = load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
+    bias2, slope2 = head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+    lo, mid_lo, mid_hi, hi = key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
                                         HAS_WINDOW)  # fmt: skip
     # split-KV: this program takes one slice of the key blocks; the launcher adds the slices' outputs
     chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
@@ -192,24 +192,24 @@ def _fwd_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k_rows, v_rows = _key_rows(K, V, BlockTable, b, kv_b, k_start, offs_n, k_len, skb, skt, svb, svt, sbt,
                                        KV_CACHE, PAGE_SIZE)  # fmt: skip
-            k = _load_rows(K, k_rows, hk, skh, offs_n < k_len, offs_d, HEAD_DIM)
-            v = _load_rows(V, v_rows, hk, svh, offs_n < k_len, offs_d, HEAD_DIM)
-            p, _ = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
+            k = load_rows(K, k_rows, hk, skh, offs_n < k_len, offs_d, HEAD_DIM)
+            v = load_rows(V, v_rows, hk, svh, offs_n < k_len, offs_d, HEAD_DIM)
+            p, _ = tile_probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
                           phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
             if RETURN_MASS:
                 mass += tl.sum(p, axis=1)
             if DROPOUT:  # scaled by 1 / (1 − dropout_p) once, at the end
-                keep = _keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N)
+                keep = dropout_keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N)
                 if RETURN_PROBS:  # flash-attn's S_dmask: p, negated where dropout dropped it
                     _store_probs(Probs, tl.where(keep, p, -p), pid_bh, offs_m, offs_n, spb, spm, q_len, k_len)
                 p = tl.where(keep, p, 0.0)
             elif RETURN_PROBS:
                 _store_probs(Probs, p, pid_bh, offs_m, offs_n, spb, spm, q_len, k_len)
-            acc += _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
+            acc += tile_dot(tile_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     Out += split.to(tl.int64) * sos
-    _store_tile(Out, _cast(acc, Out.dtype.element_ty, UPCAST), b, q_start, offs_m, h, sob, sot, soh, q_len, offs_d,
+    store_tile(Out, tile_cast(acc, Out.dtype.element_ty, UPCAST), b, q_start, offs_m, h, sob, sot, soh, q_len, offs_d,
                 HEAD_DIM)  # fmt: skip
     if RETURN_MASS:
         rows = offs_m.to(tl.int64) + q_start
@@ -225,9 +225,9 @@ def _ds(p, dp, keep, inv_keep, DROPOUT: tl.constexpr):
     return (p - p * p) * dp
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_pruner("bwd_dq"), reset_to_zero=["DBias"])
+@triton.autotune(configs=autotune_configs(), key=_KEY, prune_configs_by=_pruner("bwd_dq"), reset_to_zero=["DBias"])
 @triton.jit
-def _bwd_dq_kernel(
+def bwd_dq_kernel(
     Q, K, V, DO, DQ, DBias, Bias, Alibi, CuQ, CuK,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sab, sdb_row,
     seqlen_q, seqlen_k, scale2, cap, win_left, win_right, seed, dropout_p,
@@ -239,44 +239,46 @@ def _bwd_dq_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     hk = h // GROUP
-    q_start, q_len = _seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
+    k_start, k_len = seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
     diag = k_len - q_len
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
-    do = _load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
-    bias2, slope2 = _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
+    q = load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
+    do = load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
+    bias2, slope2 = head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+    lo, mid_lo, mid_hi, hi = key_range(start_m, diag, k_len, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
                                         HAS_WINDOW)  # fmt: skip
     for phase in tl.static_range(3):
         begin, end = _span(phase, lo, mid_lo, mid_hi, hi)
         for start_n in range(begin, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_tile(K, b, k_start, offs_n, hk, skb, skt, skh, k_len, offs_d, HEAD_DIM)
-            v = _load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
-            p, dcap = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
+            k = load_tile(K, b, k_start, offs_n, hk, skb, skt, skh, k_len, offs_d, HEAD_DIM)
+            v = load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
+            p, dcap = tile_probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
                              phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
-            keep = _keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N) if DROPOUT else None
-            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+            keep = (
+                dropout_keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N) if DROPOUT else None
+            )
+            dp = tile_dot(do, tl.trans(v), UPCAST, IEEE)
             ds = _ds(p, dp, keep, 1.0 / (1.0 - dropout_p), DROPOUT)
             if NEED_DBIAS:
                 dbias += tl.sum(ds, axis=1)
-            dq += _dot(_cast(ds * dcap if SOFTCAP else ds, k.dtype, UPCAST), k, UPCAST, IEEE)
-    dq = _cast(dq * (scale2 * -0.6931471805599453), DQ.dtype.element_ty, UPCAST)  # × scale
-    _store_tile(DQ, dq, b, q_start, offs_m, h, sdqb, sdqt, sdqh, q_len, offs_d, HEAD_DIM)
+            dq += tile_dot(tile_cast(ds * dcap if SOFTCAP else ds, k.dtype, UPCAST), k, UPCAST, IEEE)
+    dq = tile_cast(dq * (scale2 * -0.6931471805599453), DQ.dtype.element_ty, UPCAST)  # × scale
+    store_tile(DQ, dq, b, q_start, offs_m, h, sdqb, sdqt, sdqh, q_len, offs_d, HEAD_DIM)
     if NEED_DBIAS:  # one partial sum per (batch·head, query block): summed by the launcher
         tl.store(DBias + pid_bh * sdb_row + pid_m, tl.sum(dbias, axis=0))
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_pruner("bwd_dkdv"))
+@triton.autotune(configs=autotune_configs(), key=_KEY, prune_configs_by=_pruner("bwd_dkdv"))
 @triton.jit
-def _bwd_dkdv_kernel(
+def bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, Bias, Alibi, CuQ, CuK,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sab,
     seqlen_q, seqlen_k, scale2, cap, win_left, win_right, seed, dropout_p,
@@ -287,42 +289,46 @@ def _bwd_dkdv_kernel(
 ):  # fmt: skip
     pid_n, pid_bhk = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bhk // HK, pid_bhk % HK
-    q_start, q_len = _seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = seq_bounds(CuQ, b, seqlen_q, IS_VARLEN)
+    k_start, k_len = seq_bounds(CuK, b, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= k_len:
         return
     diag = k_len - q_len
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K, b, k_start, offs_n, hk, skb, skt, skh, k_len, offs_d, HEAD_DIM)
-    v = _load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
+    k = load_tile(K, b, k_start, offs_n, hk, skb, skt, skh, k_len, offs_d, HEAD_DIM)
+    v = load_tile(V, b, k_start, offs_n, hk, svb, svt, svh, k_len, offs_d, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _query_range(start_n, diag, q_len, k_len, win_left, win_right, BLOCK_M, BLOCK_N,
+    lo, mid_lo, mid_hi, hi = query_range(start_n, diag, q_len, k_len, win_left, win_right, BLOCK_M, BLOCK_N,
                                           CAUSAL, HAS_WINDOW)  # fmt: skip
     inv_keep = 1.0 / (1.0 - dropout_p)
     for g in range(GROUP):  # the query heads sharing this KV head
         h = hk * GROUP + g
         pid_bh = b * HK * GROUP + h
-        bias2, slope2 = _head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
+        bias2, slope2 = head_terms(Bias, Alibi, pid_bh, b, h, sab, HAS_ALIBI)
         for phase in tl.static_range(3):
             begin, end = _span(phase, lo, mid_lo, mid_hi, hi)
             for start_m in range(begin, end, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 # padded query rows load q = dO = 0, so they add nothing to dK, dV
-                q = _load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
-                do = _load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
-                p, dcap = _probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
+                q = load_tile(Q, b, q_start, offs_m, h, sqb, sqt, sqh, q_len, offs_d, HEAD_DIM)
+                do = load_tile(DO, b, q_start, offs_m, h, sdob, sdot, sdoh, q_len, offs_d, HEAD_DIM)
+                p, dcap = tile_probs(q, k, offs_m, offs_n, scale2, bias2, slope2, cap, diag, k_len, win_left, win_right,
                                  phase != 1, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, FAST, UPCAST, IEEE)  # fmt: skip
-                keep = _keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N) if DROPOUT else None
+                keep = (
+                    dropout_keep(seed, pid_bh, offs_m, start_n, seqlen_q, seqlen_k, dropout_p, BLOCK_N)
+                    if DROPOUT
+                    else None
+                )
                 p_out = tl.where(keep, p * inv_keep, 0.0) if DROPOUT else p
-                dv += _dot(tl.trans(_cast(p_out, do.dtype, UPCAST)), do, UPCAST, IEEE)
-                ds = _ds(p, _dot(do, tl.trans(v), UPCAST, IEEE), keep, inv_keep, DROPOUT)
-                dk += _dot(tl.trans(_cast(ds * dcap if SOFTCAP else ds, q.dtype, UPCAST)), q, UPCAST, IEEE)
-    dk = _cast(dk * (scale2 * -0.6931471805599453), DK.dtype.element_ty, UPCAST)  # × scale
-    _store_tile(DK, dk, b, k_start, offs_n, hk, sdkb, sdkt, sdkh, k_len, offs_d, HEAD_DIM)
-    _store_tile(DV, _cast(dv, DV.dtype.element_ty, UPCAST), b, k_start, offs_n, hk, sdvb, sdvt, sdvh, k_len, offs_d,
+                dv += tile_dot(tl.trans(tile_cast(p_out, do.dtype, UPCAST)), do, UPCAST, IEEE)
+                ds = _ds(p, tile_dot(do, tl.trans(v), UPCAST, IEEE), keep, inv_keep, DROPOUT)
+                dk += tile_dot(tl.trans(tile_cast(ds * dcap if SOFTCAP else ds, q.dtype, UPCAST)), q, UPCAST, IEEE)
+    dk = tile_cast(dk * (scale2 * -0.6931471805599453), DK.dtype.element_ty, UPCAST)  # × scale
+    store_tile(DK, dk, b, k_start, offs_n, hk, sdkb, sdkt, sdkh, k_len, offs_d, HEAD_DIM)
+    store_tile(DV, tile_cast(dv, DV.dtype.element_ty, UPCAST), b, k_start, offs_n, hk, sdvb, sdvt, sdvh, k_len, offs_d,
                 HEAD_DIM)  # fmt: skip
 
 
@@ -375,7 +381,7 @@ def forward(q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, windo
     probs = torch.zeros((batch, heads, len_q, len_k) if return_probs else (1, 1, 1, 1), device=q.device,
                         dtype=torch.float32)  # fmt: skip
     grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads, 1)  # noqa: E731
-    _fwd_kernel[grid](
+    fwd_kernel[grid](
         q, k, v, out, mass, probs, bias, alibi if alibi is not None else bias, cu_q if varlen else _dummy(q),
         cu_k if varlen else _dummy(q), _dummy(q), _dummy(q), *_strides(q, varlen), *_strides(k, varlen),
         *_strides(v, varlen), *_strides(out, varlen), 0, *mass_strides, 0, sab, 0, probs.stride(1),
@@ -409,7 +415,7 @@ def forward_kvcache(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_ta
     cache_strides = [(t.stride(0), t.stride(1), t.stride(2)) for t in (k_cache, v_cache)]
     out_strides = _strides(out[0] if num_splits > 1 else out, varlen)
     grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads, num_splits)  # noqa: E731
-    _fwd_kernel[grid](
+    fwd_kernel[grid](
         q, k_cache, v_cache, out, mass, probs, bias, alibi if alibi is not None else bias,
         cu_q if varlen else _dummy(q), bounds, block_table if paged else _dummy(q), kv_batch, *_strides(q, varlen),
         *cache_strides[0], *cache_strides[1], *out_strides, out.stride(0) if num_splits > 1 else 0, *mass_strides,
@@ -433,18 +439,18 @@ def backward(do, q, k, v, bias, alibi, cu_q, cu_k, max_q, max_k, scale, causal, 
     do = do.contiguous() if do.stride(-1) != 1 else do
     alloc = torch.zeros_like if varlen else torch.empty_like  # varlen: rows past the last sequence get 0
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    min_block = min(c.kwargs["BLOCK_M"] for c in _configs())
+    min_block = min(c.kwargs["BLOCK_M"] for c in autotune_configs())
     partial = torch.zeros(batch * heads, triton.cdiv(len_q, min_block), device=q.device, dtype=torch.float32)
     alibi_arg = alibi if alibi is not None else bias
     cu = (cu_q, cu_k) if varlen else (_dummy(q), _dummy(q))
     common = (len_q, len_k, -scale * LOG2E.value, softcap, *window, seed, dropout_p)
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads)](
+    bwd_dq_kernel[lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads)](
         q, k, v, do, dq, partial, bias, alibi_arg, *cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), sab, partial.stride(0), *common,
         H=heads, GROUP=heads // kv_heads, NEED_DBIAS=need_dbias, **flags,
     )  # fmt: skip
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(len_k, meta["BLOCK_N"]), batch * kv_heads)](
+    bwd_dkdv_kernel[lambda meta: (triton.cdiv(len_k, meta["BLOCK_N"]), batch * kv_heads)](
         q, k, v, do, dk, dv, bias, alibi_arg, *cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), sab, *common,

@@ -35,7 +35,7 @@ from triton.compiler import ASTSource
 
 from flash_sigmoid import triton_kernels as tk
 
-KERNELS = {"fwd": tk._fwd_kernel, "bwd_dq": tk._bwd_dq_kernel, "bwd_dkdv": tk._bwd_dkdv_kernel}
+KERNELS = {"fwd": tk.fwd_kernel, "bwd_dq": tk.bwd_dq_kernel, "bwd_dkdv": tk.bwd_dkdv_kernel}
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block with opt-in (CUDA programming guide)
 VARIANTS = {  # constexpr flags beyond the defaults; each applies to the kernels listed
     "base": ({}, KERNELS),
@@ -64,7 +64,7 @@ def block_d(head_dim: int) -> int:
 def configs_for(kernel: str, arch: int, head_dim: int):
     """The autotune configs the launcher keeps for this kernel on this architecture (its own
     prune rule, given the architecture's shared memory)."""
-    return tk.keep_configs(kernel, tk._configs(), block_d(head_dim), 2, SHARED_LIMIT[arch])
+    return tk.keep_configs(kernel, tk.autotune_configs(), block_d(head_dim), 2, SHARED_LIMIT[arch])
 
 
 def _signature(fn, dtype: str, constants: dict):

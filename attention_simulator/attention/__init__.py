@@ -2,8 +2,10 @@
 attention for context parallelism (`ring`)."""
 
 from . import ring
-from .attention import Attention, AttentionConfig, KVCache
+from .attention import Attention
 from .backends import BACKENDS, AttentionSpec, register_backend
+from .config import AttentionConfig
+from .kvcache import KVCache
 from .positions import RotaryEmbedding, alibi_slopes, sincos_1d, sincos_2d
 from .ring import ContextParallel, ring_attention, sharded
 

@@ -1,10 +1,13 @@
-"""Attention backends: functions `(q, k, v, spec) -> out` registered by name.
+"""Attention backends: functions `(q, k, v, spec) -> out` registered by name, each described
+by data (`Backend`).
 
 Tensors are [batch, seq, heads, head_dim] in and out (FlashAttention's layout); k and v may
 have fewer heads (GQA / MQA). Masks are bottom-right aligned as in flash-attn >= 2.1, per
 sequence when the batch is right-padded; their one definition is FlashSigmoid's
 `attention_mask`. A backend declares which options it honours; `AttentionConfig` refuses the
-rest at construction.
+rest at construction. To add one: write the function, decorate it with `register_backend`
+(its activation, the options it honours, its naive twin, its kernel under context
+parallelism, whether it writes a KV cache itself), and add `configs/attention/NAME.yaml`.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from einops import rearrange
 import flash_sigmoid
 from flash_sigmoid.reference import attention_mask, sigmoid_weights, weighted_values
 
-if TYPE_CHECKING:
-    from .attention import KVCache
-
-from ..diagnostics.probes import AttentionProbe
 from .masks import Padding
+from .ops import at_least_fp32, repeat_kv
+
+if TYPE_CHECKING:
+    from ..diagnostics.probes import AttentionProbe
+    from .kvcache import KVCache
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,11 @@ class AttentionSpec:
         return attention_mask(q.shape[1], k.shape[1], self.causal, self.window, self.alibi_slopes, self.q_lengths,
                               self.k_lengths, device=q.device, dtype=dtype)  # fmt: skip
 
+    def attended(self, q, k) -> torch.Tensor:
+        """(B|1, 1, Tq, Tk) bool: the (query, key) pairs that attend, padded queries excluded."""
+        allowed, _ = self.mask(q, k, torch.float32)
+        return allowed if self.q_padding is None else allowed & self.q_padding.real[:, None, :, None]
+
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], torch.Tensor]
 
@@ -65,21 +74,39 @@ OPTIONS = ("causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend as data.
+
+    fn: the attention function. activation: "softmax" | "sigmoid". supports: the OPTIONS it
+    honours. reference: its naive twin, the registered backend computing the same attention with
+    the weight matrix materialised (what the Lipschitz estimate differentiates through; itself
+    for a naive backend). ring_kernel: the per-block kernel of `ring.ring_attention` that serves
+    it under context parallelism ("naive" | "flash_sigmoid"), None when it cannot run sharded.
+    writes_kv_cache: decoding hands it the cache and only the new keys and values
+    (`spec.kv_cache`), which it appends itself; otherwise the layer appends them first."""
+
     fn: BackendFn
-    activation: str  # "softmax" | "sigmoid"
+    activation: str
     supports: frozenset[str]
+    reference: str
+    ring_kernel: str | None = None
+    writes_kv_cache: bool = False
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, activation: str, supports: set[str]):
+def register_backend(name: str, activation: str, supports: set[str], *, reference: str | None = None,
+                     ring_kernel: str | None = None, writes_kv_cache: bool = False):  # fmt: skip
+    """Register `fn(q, k, v, spec) -> out` under `name`, described by the `Backend` fields."""
     unknown = set(supports) - set(OPTIONS)
     if unknown:
         raise ValueError(f"backend {name!r} declares unknown options {sorted(unknown)}; known: {OPTIONS}.")
+    reference = reference or name
+    if reference != name and reference not in BACKENDS:
+        raise ValueError(f"backend {name!r} names {reference!r} as its naive twin; register that one first.")
 
     def decorator(fn: BackendFn) -> BackendFn:
-        BACKENDS[name] = Backend(fn, activation, frozenset(supports))
+        BACKENDS[name] = Backend(fn, activation, frozenset(supports), reference, ring_kernel, writes_kv_cache)
         return fn
 
     return decorator
@@ -92,11 +119,6 @@ def backends_supporting(option: str) -> list[str]:
 # ---- naive backends: materialise the [B, H, Tq, Tk] matrix (the diagnostic reference) ------------
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Attention math in fp32 for half inputs (as fused kernels accumulate), fp64 kept."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _exact(backend: BackendFn) -> BackendFn:
     """Run a naive backend in fp32 (fp64 kept) even under autocast, which would otherwise run
     its einsums in bf16/fp16: it is the reference, and its matrix feeds the diagnostics. The
@@ -106,7 +128,7 @@ def _exact(backend: BackendFn) -> BackendFn:
     def wrapper(q, k, v, spec):
         device = q.device.type  # (the meta device, used to size models, has no autocast)
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
-            return backend(_at_least_fp32(q), _at_least_fp32(k), _at_least_fp32(v), spec).to(q.dtype)
+            return backend(at_least_fp32(q), at_least_fp32(k), at_least_fp32(v), spec).to(q.dtype)
 
     return wrapper
 
@@ -115,15 +137,11 @@ def _dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(weights, p) if p else weights
 
 
-def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
-    return t if t.shape[2] == heads else t.repeat_interleave(heads // t.shape[2], dim=2)
-
-
 def _softmax_inputs(q, k, spec):
     """Scaled scores (B, H, Tq, Tk) with ALiBi and −inf at masked pairs, and which rows attend to
     anything. A row with no key (e.g. a padded query beyond a window) gets all-zero weights
     instead of softmax's NaN, as in flash-attn."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, _repeat_kv(k, q.shape[2])) * spec.scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, repeat_kv(k, q.shape[2])) * spec.scale
     allowed, alibi = spec.mask(q, k, scores.dtype)
     if alibi is not None:
         scores = scores + alibi
@@ -131,7 +149,7 @@ def _softmax_inputs(q, k, spec):
     return scores.masked_fill(~(allowed | ~any_key), float("-inf")), any_key
 
 
-@register_backend("softmax", "softmax", {"causal", "window", "alibi", "dropout"})
+@register_backend("softmax", "softmax", {"causal", "window", "alibi", "dropout"}, ring_kernel="naive")
 @_exact
 def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     scores, any_key = _softmax_inputs(q, k, spec)
@@ -142,7 +160,10 @@ def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
 
 
 @register_backend(
-    "sigmoid", "sigmoid", {"causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias", "length_norm"}
+    "sigmoid",
+    "sigmoid",
+    {"causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias", "length_norm"},
+    ring_kernel="naive",
 )
 @_exact
 def sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
@@ -178,7 +199,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     _flash_attn = None
 
 
-@register_backend("flash_softmax", "softmax", {"causal", "window", "alibi", "dropout"})
+@register_backend("flash_softmax", "softmax", {"causal", "window", "alibi", "dropout"}, reference="softmax")
 def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     """flash-attn 2 on CUDA fp16/bf16 when installed; otherwise PyTorch SDPA."""
     if _flash_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -189,12 +210,12 @@ def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
         return _flash_attn.flash_attn_func(q, k, v, **kw)
     simple = spec.window == (-1, -1) and spec.alibi_slopes is None and spec.k_lengths is None
     heads = q.shape[2]
-    q_, k_, v_ = (rearrange(t, "b t h d -> b h t d") for t in (q, _repeat_kv(k, heads), _repeat_kv(v, heads)))
+    q_, k_, v_ = (rearrange(t, "b t h d -> b h t d") for t in (q, repeat_kv(k, heads), repeat_kv(v, heads)))
     if simple and (not spec.causal or q.shape[1] == k.shape[1]):  # SDPA's is_causal is top-left aligned
         out = F.scaled_dot_product_attention(q_, k_, v_, dropout_p=spec.dropout_p, is_causal=spec.causal,
                                              scale=spec.scale)  # fmt: skip
         return rearrange(out, "b h t d -> b t h d")
-    allowed, alibi = spec.mask(q, k, _at_least_fp32(q).dtype)
+    allowed, alibi = spec.mask(q, k, at_least_fp32(q).dtype)
     any_key = allowed.any(-1, keepdim=True)
     mask = allowed | ~any_key if alibi is None else alibi.masked_fill(~(allowed | ~any_key), float("-inf"))
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.to(q.dtype) if alibi is not None else mask,
@@ -202,7 +223,14 @@ def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     return rearrange(out * any_key.to(out.dtype), "b h t d -> b t h d")
 
 
-@register_backend("flash_sigmoid", "sigmoid", {"causal", "window", "alibi", "dropout", "sigmoid_bias", "length_norm"})
+@register_backend(
+    "flash_sigmoid",
+    "sigmoid",
+    {"causal", "window", "alibi", "dropout", "sigmoid_bias", "length_norm"},
+    reference="sigmoid",
+    ring_kernel="flash_sigmoid",
+    writes_kv_cache=True,
+)
 def flash_sigmoid_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     """This repo's fused kernel: Triton on CUDA, the chunked O(T·block)-memory path on CPU.
     Padded batches run through its varlen path (no padding computed)."""

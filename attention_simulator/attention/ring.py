@@ -40,13 +40,12 @@ from einops import rearrange
 import flash_sigmoid
 
 from ..errors import ConfigError
-from .backends import AttentionSpec, _at_least_fp32, _repeat_kv
+from .backends import BACKENDS, AttentionSpec
+from .ops import at_least_fp32, repeat_kv
 
 if TYPE_CHECKING:
-    from .attention import AttentionConfig, KVCache
-
-# the per-block kernel each backend runs under context parallelism
-KERNELS = {"softmax": "naive", "sigmoid": "naive", "flash_sigmoid": "flash_sigmoid"}
+    from .config import AttentionConfig
+    from .kvcache import KVCache
 
 
 def _zigzag_positions(rank: int, size: int, local_len: int, device=None) -> torch.Tensor:
@@ -116,13 +115,15 @@ def current() -> ContextParallel | None:
 
 def check_supported(config: AttentionConfig) -> None:
     """Raise ConfigError naming each attention option ring attention cannot reproduce exactly."""
+    kernel = BACKENDS[config.backend].ring_kernel
+    served = sorted(name for name, backend in BACKENDS.items() if backend.ring_kernel is not None)
     refused = [
-        (config.backend not in KERNELS, f"backend={config.backend!r}", "use softmax, sigmoid or flash_sigmoid"),
+        (kernel is None, f"backend={config.backend!r}", f"use {' or '.join(served)}"),
         (config.window is not None, f"window={config.window}", "set attention.window=null"),
         (config.attn_drop > 0, f"attn_drop={config.attn_drop}", "set attention.attn_drop=0"),
         (config.bias_n == "per_row", "bias_n=per_row", "use attention.bias_n=max_length"),
         (config.length_norm is not None, f"length_norm={config.length_norm}", "set attention.length_norm=null"),
-        (config.backend == "flash_sigmoid" and config.position == "alibi", "position=alibi with flash_sigmoid",
+        (kernel == "flash_sigmoid" and config.position == "alibi", f"position=alibi with {config.backend}",
          "use attention.backend=sigmoid for ALiBi, or attention.position=rope"),
     ]  # fmt: skip
     problems = [f"attention.{what} ({fix})" for bad, what, fix in refused if bad]
@@ -202,8 +203,8 @@ def _naive_block(ring: _Ring, step: _Step, q, k, v, bias):
     """The block with its (B, H, Tq, Tk) logits materialised in fp32, masks and ALiBi from global
     positions: (out (B, Tq, H, D), mass (B, H, Tq)) for sigmoid, (out, lse (B, H, Tq)) for softmax."""
     spec = ring.spec
-    q, k, v = (_at_least_fp32(t) for t in (q, k, v))
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, _repeat_kv(k, q.shape[2])) * spec.scale  # (B, H, Tq, Tk)
+    q, k, v = (at_least_fp32(t) for t in (q, k, v))
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, repeat_kv(k, q.shape[2])) * spec.scale  # (B, H, Tq, Tk)
     distance = step.k_pos[None, :] - step.q_pos[:, None]  # (Tq, Tk) key position − query position
     if spec.alibi_slopes is not None:
         logits = logits - spec.alibi_slopes.to(logits.dtype)[:, None, None] * distance.abs()
@@ -217,7 +218,7 @@ def _naive_block(ring: _Ring, step: _Step, q, k, v, bias):
     else:  # every row of a block sees at least one key (see `_step`): lse is finite
         stat = torch.logsumexp(logits, dim=-1)  # (B, H, Tq)
         weights = torch.exp(logits - stat[..., None])
-    return torch.einsum("bhqk,bkhd->bqhd", weights, _repeat_kv(v, q.shape[2])), stat  # (B, Tq, H, D)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, repeat_kv(v, q.shape[2])), stat  # (B, Tq, H, D)
 
 
 def _flash_block(ring: _Ring, step: _Step, q, k, v, bias):

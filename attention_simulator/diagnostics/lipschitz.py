@@ -54,7 +54,6 @@ from functools import partial
 import torch
 
 from ..attention import Attention
-from ..attention.backends import BACKENDS
 from ..data.masking import first_rows
 from .collector import DiagnosticsConfig, probe_key
 from .probes import recomputing
@@ -134,16 +133,15 @@ def layer_stats(layer: Attention, args: tuple, kwargs: dict, iters: int) -> dict
 
 @contextmanager
 def differentiable(layer: Attention):
-    """The layer in eval mode, with the naive backend of its activation, its probes off."""
-    training, backend = layer.training, layer.backend
+    """The layer in eval mode, with its backend's naive twin (flash_sigmoid -> sigmoid, ...), its
+    probes off."""
+    training = layer.training
     layer.eval()
-    layer.backend = BACKENDS[BACKENDS[layer.config.backend].activation].fn  # flash_sigmoid -> sigmoid, ...
     try:
-        with recomputing():
+        with recomputing(), layer.using_backend(layer.described.reference):
             yield
     finally:
         layer.train(training)
-        layer.backend = backend
 
 
 def spectral_norms(fn: Callable, x: torch.Tensor, real: torch.Tensor, iters: int) -> torch.Tensor:

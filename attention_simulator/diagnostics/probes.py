@@ -10,14 +10,22 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # attention imports the probes: only the types are needed here
-    from ..attention.backends import AttentionSpec
+if TYPE_CHECKING:
     from ..attention.masks import Padding
+
+
+class Pairs(Protocol):
+    """What `AttentionProbe.record_logits` needs of an attention call (`AttentionSpec` is one)."""
+
+    scale: float
+
+    def attended(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(B|1, 1, Tq, Tk) bool: the pairs that attend, padded queries excluded."""
 
 
 _recomputing = 0  # > 0 while activation checkpointing recomputes a forward during backward
@@ -123,17 +131,15 @@ class AttentionProbe(Probe):
         self.recorder.record(self.key, attention_stats(mass, padding))
 
     @torch.no_grad()
-    def record_logits(self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, rows: int = 256):
+    def record_logits(self, q: torch.Tensor, k: torch.Tensor, pairs: Pairs, rows: int = 256):
         """`logit_max`: the largest attention logit q·kᵀ·scale over the pairs attended (no bias, no
         ALiBi), whatever the backend. Its growth is the instability QK-norm prevents (Wortsman et
         al. 2023). q (B, Tq, H, D), k (B, Tk, Hk, D); `rows` queries at a time bound the memory."""
-        allowed, _ = spec.mask(q, k, torch.float32)  # (B|1, 1, Tq, Tk)
-        if spec.q_padding is not None:  # padded queries attend nothing that counts
-            allowed = allowed & spec.q_padding.real[:, None, :, None]
+        allowed = pairs.attended(q, k)  # (B|1, 1, Tq, Tk)
         k = k.float().repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # (B, Tk, H, D)
         highest = torch.tensor(float("-inf"), device=q.device)
         for lo in range(0, q.shape[1], rows):
-            scores = torch.einsum("bqhd,bkhd->bhqk", q[:, lo : lo + rows].float(), k) * spec.scale
+            scores = torch.einsum("bqhd,bkhd->bhqk", q[:, lo : lo + rows].float(), k) * pairs.scale
             chunk = allowed[..., lo : lo + rows, :]
             highest = torch.maximum(highest, scores.masked_fill(~chunk, float("-inf")).amax())
         self.recorder.record(self.key, {"logit_max": highest})

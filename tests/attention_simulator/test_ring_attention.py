@@ -235,7 +235,7 @@ def test_check_supported_refuses(options, key):
         ring.check_supported(AttentionConfig(**options))
     assert "trainer.context_parallel" in str(error.value) and key in str(error.value)
     if key == "attention.backend":
-        assert "softmax, sigmoid or flash_sigmoid" in str(error.value)
+        assert "use flash_sigmoid or sigmoid or softmax" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -16,18 +16,18 @@ if INTERPRETED:  # Triton fixes the interpreter mode when kernels are defined
     import triton
     import triton.language as tl
 
-    from flash_sigmoid.tiles import _sigmoid2, _tile_offsets
+    from flash_sigmoid.tiles import sigmoid2, tile_offsets
 
     @triton.jit
     def _probe(Out, Ids, sb, st, sh, BLOCK: tl.constexpr):
         b, start, head = tl.load(Ids), tl.load(Ids + 1), tl.load(Ids + 2)  # int32, as program ids are
         offs = tl.arange(0, BLOCK)
-        tl.store(Out + offs[:, None] * BLOCK + offs[None, :], _tile_offsets(b, start, offs, head, sb, st, sh, offs))
+        tl.store(Out + offs[:, None] * BLOCK + offs[None, :], tile_offsets(b, start, offs, head, sb, st, sh, offs))
 
     @triton.jit
     def _sigmoid_probe(Out, T, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(Out + offs, _sigmoid2(tl.load(T + offs, mask=offs < n), True), mask=offs < n)
+        tl.store(Out + offs, sigmoid2(tl.load(T + offs, mask=offs < n), True), mask=offs < n)
 
 
 def test_tile_offsets_do_not_wrap_past_two_to_the_31():
