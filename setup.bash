@@ -21,4 +21,4 @@ echo "setup: installing attention-simulator in editable mode with the dev extra"
 # constraints-dev.txt pins the test and lint tools, so every fresh environment tests alike
 "$PYTHON" -m pip install -q -c "$constraints" -c constraints-dev.txt -e ".[dev]"
 
-echo "setup: done. Next: python -m pytest -q"
+echo "setup: done. Next: python -m pytest -q --durations=15 (everything), or -m \"not slow\" (the inner loop)"

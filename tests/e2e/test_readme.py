@@ -1,13 +1,15 @@
 """The documented code blocks, run as written in one fresh working directory, in the order a
-reader meets them: README.md, then the documentation pages in mkdocs.yml's nav order.
+reader meets them: README.md, then the documentation pages in mkdocs.yml's nav order -- two at
+a time, a command waiting for the earlier ones that make or read its run folders.
 
 Every `python -m ...`, `torchrun ...` and `python scripts/...` command of their bash blocks
 runs with step caps (a command's own value of a capped key is replaced, never duplicated) and
 must exit 0; placeholders (`outputs/NAME/RUN`, a dated multirun folder, `step_0002000.pt`) are
 the newest runs the earlier commands made. What needs hardware or data this machine lacks (a
 GPU cluster, /data/..., SLURM, the network) is composed instead (`--cfg job`): the command's
-config must still be valid; `gpu_check.sh` is syntax-checked, and `inspect_kernels.py`,
-whose compilations test_kernel_cost.py runs and asserts on, prints its help. Every Python
+config must still be valid; `gpu_check.sh` is syntax-checked, `inspect_kernels.py`, whose
+compilations test_kernel_cost.py runs and asserts on, prints its help, and `stress_tests.sh`
+makes one run of one file. Every Python
 block runs as a script. Set-up and the test suite itself (the two commands of the first
 block's second line and the Tests section) are skipped; a command shown on several pages (the
 quick start) runs once, where it first appears.
@@ -30,8 +32,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+# the Lipschitz estimate runs, with fewer power iterations
 CAPS = {"trainer.max_steps": "2", "trainer.eval_every": "0", "trainer.progress": "false",
-        "++diagnostics.lipschitz_iters": "2"}  # the estimate runs, with fewer power iterations
+        "++diagnostics.lipschitz_iters": "2"}  # fmt: skip
 CAPS_BY_FAMILY = {"lm": {"data.eval_max_tokens": "4096", "task.sample_tokens": "8"},
                   "asr": {"data.eval_splits": "[test]"}}  # fmt: skip
 COMPOSE_ONLY = {  # what the command needs that this machine lacks
