@@ -1,6 +1,7 @@
 """Every config composes and builds; every experiment smoke-runs; bad configs fail clearly."""
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -71,9 +72,18 @@ def test_hub_datasets_offline_say_what_to_do(data, no_hub):
     assert repr(data) in message and "data.path" in message and "load_dataset" in message
 
 
-IN_README = {"vit_sigmoid", "vit_softmax", "lm_sigmoid", "asr_sigmoid"}  # run by tests/e2e/test_readme.py
+# run by tests/e2e/test_readme.py; every family keeps at least one experiment here for the checks below
+IN_README = {"vit_sigmoid", "vit_softmax", "lm_sigmoid", "lm_softmax", "mlm_sigmoid", "asr_sigmoid", "asr_softmax",
+             "asr_sigmoid_alibi", "mae_sigmoid_bias"}  # fmt: skip
 UNDER_TORCHRUN = {"lm_sigmoid_long"}  # run by tests/e2e/test_parallel.py
 NEEDS_CHECKPOINT = {e for e in EXPERIMENTS if e.endswith("_probe")}  # run by test_mae.py from a pretraining
+
+
+def test_the_experiments_left_to_the_readme_test_are_documented_commands():
+    root = Path(__file__).parents[2]
+    pages = "\n".join(p.read_text() for p in [root / "README.md", *(root / "docs").glob("*.md")])
+    documented = set(re.findall(r"python -m attention_simulator\.train [^\n`]*\+experiment=(\w+)", pages))
+    assert not IN_README - documented, f"not run by any documented command: {IN_README - documented}"
 
 
 @pytest.mark.slow
