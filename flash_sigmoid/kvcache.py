@@ -103,13 +103,9 @@ def _cpu_attention(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_tab
     q padded [B, Tq, H, D] -> (out, mass [B, H, Tq]); or packed [total, H, D] with cu_q ->
     (out, mass [H, total]), rows past the last sequence 0. `probs` [B, H, Tq, Tk]: filled with
     each sequence's weights in its top-left corner."""
-    if cu_q is not None:
-        out, mass = torch.zeros_like(q), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
-        rows = [slice(a, b) for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
-        padded = [q[r][None] for r in rows]
-    else:
-        padded = [q[b : b + 1] for b in range(q.shape[0])]
-    outs, masses = [], []
+    rows = None if cu_q is None else [slice(a, b) for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+    queries = [q[b : b + 1] for b in range(q.shape[0])] if rows is None else [q[r][None] for r in rows]
+    results = []
     for b, ((start, length), row) in enumerate(zip(bounds.tolist(), kv_batch.tolist())):
         if block_table is None:
             keys, values = k_cache[row, start : start + length], v_cache[row, start : start + length]
@@ -118,15 +114,16 @@ def _cpu_attention(q, k_cache, v_cache, bias, alibi, bounds, kv_batch, block_tab
             pages, offs = block_table[b].long()[pos // k_cache.shape[1]], pos % k_cache.shape[1]
             keys, values = k_cache[pages, offs], v_cache[pages, offs]
         slopes = alibi[b : b + 1] if alibi is not None and alibi.ndim == 2 else alibi
-        corner = None if probs is None else probs[b : b + 1, :, : padded[b].shape[1], :length]
-        o, m = reference.chunked_forward(padded[b], keys[None], values[None], scale=scale, bias=bias[b : b + 1],
-                                         causal=causal, window=window, alibi_slopes=slopes, softcap=softcap,
-                                         probs=corner)  # fmt: skip
-        if cu_q is not None:
-            out[rows[b]], mass[:, rows[b]] = o[0], m[0]
-        outs.append(o)
-        masses.append(m)
-    return (out, mass) if cu_q is not None else (torch.cat(outs), torch.cat(masses))
+        corner = None if probs is None else probs[b : b + 1, :, : queries[b].shape[1], :length]
+        results.append(reference.chunked_forward(queries[b], keys[None], values[None], scale=scale,
+                                                 bias=bias[b : b + 1], causal=causal, window=window,
+                                                 alibi_slopes=slopes, softcap=softcap, probs=corner))  # fmt: skip
+    if rows is None:
+        return torch.cat([o for o, _ in results]), torch.cat([m for _, m in results])
+    out, mass = torch.zeros_like(q), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+    for r, (o, m) in zip(rows, results):
+        out[r], mass[:, r] = o[0], m[0]
+    return out, mass
 
 
 @torch.no_grad()
