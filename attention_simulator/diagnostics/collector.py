@@ -42,7 +42,7 @@ class DiagnosticsConfig:
         input -> output Jacobian norm on the first evaluation batch, with the mean and max
         squared token norms of its input (lipschitz/block_NN/..., diagnostics/lipschitz.py). Off
         here, on in the `default` and `full` presets.
-    lipschitz_iters: power iterations (one jvp and one vjp each) per estimate.
+    lipschitz_iters: power iterations (two backward passes each) per estimate.
     lipschitz_sequences: how many sequences of that batch the estimate uses (the cost grows with it).
     """
 

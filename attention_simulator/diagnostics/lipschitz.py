@@ -13,20 +13,23 @@ How, on the first evaluation batch:
   once more, with a forward pre-hook (`with_kwargs`) on every attention layer that keeps the
   layer's arguments as the model passed them (x, padding, context, whatever else): the estimate
   differentiates `x -> attn(x, *args, **kwargs)` with all of them passed through untouched.
-- Power iteration on JᵀJ, `diagnostics.lipschitz_iters` steps of one `torch.func.jvp` (J·v) and
-  one pull-back through a `torch.func.vjp` linearised once (Jᵀ·u); the full Jacobian is never
-  formed. ‖JᵀJ·v‖ ≤ σ² for a unit v, so the estimate approaches ‖J‖₂ from below.
+- Power iteration on JᵀJ, `diagnostics.lipschitz_iters` steps of two backward passes through
+  one forward graph: J·v by the double-backward trick (the gradient, with respect to u, of
+  Jᵀ·u computed with `create_graph`) and Jᵀ·(J·v); the full Jacobian is never formed. Reverse
+  mode only: forward-mode AD (`torch.func.jvp`) would import torch's compiler stack (~2 s at
+  the first evaluation of every run) through its decompositions. ‖JᵀJ·v‖ ≤ σ² for a unit v,
+  so the estimate approaches ‖J‖₂ from below.
 - Per sequence: attention never mixes sequences, so J is block-diagonal over them and ‖J‖₂ is
-  the largest block's norm. Each sequence keeps its own unit direction (one jvp and one vjp per
-  step serve all of them), so each iteration converges at its own block's eigen-gap instead of
+  the largest block's norm. Each sequence keeps its own unit direction (the two backward passes
+  of a step serve all of them), so each iteration converges at its own block's eigen-gap instead of
   at the gap between the near-equal top values of different sequences that joint iteration sees;
   and the bound, which is per input sequence, is checked per sequence (the ratios below).
 - Padded positions (speech batches) are not inputs: the direction is zero there and J·v is
   zeroed there, so the estimate is that of the Jacobian between real positions only.
 - The layer is put in eval mode with the probes off (`probes.recomputing()`): the power
   iteration's forwards are not observations. The fused backends (flash_sigmoid: a custom
-  autograd Function / Triton; flash_softmax: flash-attn / SDPA) have no forward-mode AD: the
-  estimate runs the layer with the naive backend of the same activation (sigmoid / softmax),
+  autograd Function / Triton; flash_softmax: flash-attn / SDPA) cannot be differentiated twice:
+  the estimate runs the layer with the naive backend of the same activation (sigmoid / softmax),
   the same function computed with the matrix materialised.
 - Its initial direction comes from a generator of its own: the run's random stream is untouched.
 
@@ -152,11 +155,15 @@ def spectral_norms(fn: Callable, x: torch.Tensor, real: torch.Tensor, iters: int
     generator = torch.Generator(device=x.device).manual_seed(0)
     v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * real  # (S, T, C)
     v = v / v.flatten(1).norm(dim=1)[:, None, None]
-    _, pull_back = torch.func.vjp(fn, x)  # linearised once: each call is one backward
-    for _ in range(iters):  # iters >= 1
-        _, jv = torch.func.jvp(fn, (x,), (v,))  # J·v (S, T, C)
-        (w,) = pull_back(jv * real)  # Jᵀ·J·v
-        w = w * real
-        sigma_sq = w.flatten(1).norm(dim=1)  # (S,): ‖JᵀJ·v‖ ≤ σ², equal once v is the top singular vector
-        v = w / sigma_sq.clamp(min=torch.finfo(x.dtype).tiny)[:, None, None]
+    with torch.enable_grad():  # (evaluation runs without)
+        x = x.detach().requires_grad_()
+        y = fn(x)  # one forward: both products below differentiate this graph
+        u = torch.zeros_like(y, requires_grad=True)
+        (pulled,) = torch.autograd.grad(y, x, u, create_graph=True)  # Jᵀ·u, linear in u
+        for _ in range(iters):  # iters >= 1
+            (jv,) = torch.autograd.grad(pulled, u, v, retain_graph=True)  # J·v (S, T, C): d(Jᵀ·u)/du = J
+            (w,) = torch.autograd.grad(y, x, jv * real, retain_graph=True)  # Jᵀ·J·v
+            w = w * real
+            sigma_sq = w.flatten(1).norm(dim=1)  # (S,): ‖JᵀJ·v‖ ≤ σ², equal once v is the top singular vector
+            v = w / sigma_sq.clamp(min=torch.finfo(x.dtype).tiny)[:, None, None]
     return sigma_sq.sqrt()

@@ -3,6 +3,7 @@ spectral norm, the squared token norms against loops, fused backends through the
 probes silent during the estimate, and the keys in a run's metrics, report and comparison."""
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -136,8 +137,12 @@ def test_estimate_captures_every_layer_on_the_first_sequences(monkeypatch):
     x = torch.cat([inputs(), 10 * inputs(seed=2)])  # (6, T, C): sequences 3.. are far larger
     batch = {"x": x, "lengths": torch.cat([LENGTHS, LENGTHS])}
     layer_inputs = {}  # each attention layer's input, seen by a hook of the test's own
+
+    def keep(i, module, args):  # returns None: a pre-hook's result would replace the layer's input
+        layer_inputs.setdefault(i, args[0])
+
     for i, block in enumerate(model.blocks):
-        block.attn.register_forward_pre_hook(lambda m, args, i=i: layer_inputs.setdefault(i, args[0]))
+        block.attn.register_forward_pre_hook(partial(keep, i))
     model(x[:3], LENGTHS)
     config = DiagnosticsConfig(lipschitz=True, lipschitz_iters=ITERS, lipschitz_sequences=3)
     stats = lipschitz.estimate(model, lambda b: model(b["x"], b["lengths"]), batch, config, Parallel())

@@ -88,13 +88,17 @@ MODEL_ARGS = {"vit": {}, "mae": {}, "lm": {"vocab_size": 257}, "mlm": {"vocab_si
 
 
 def numbers_at_the_ends(values: list[str]) -> list[str]:
-    """A list of numbers (e.g. learning rates) by its smallest and largest: values in between
-    build the same components."""
-    try:
-        numbers = sorted(values, key=float)
-    except ValueError:
-        return values
-    return [numbers[0], numbers[-1]]
+    """Swept values with the numbers among them (e.g. learning rates, biases) only by their
+    smallest and largest: numbers in between build the same components. Other values (auto,
+    null, a config group's options) are all kept."""
+    numbers, others = [], []
+    for value in values:
+        try:
+            numbers.append((float(value), value))
+        except ValueError:
+            others.append(value)
+    numbers.sort()
+    return others + list(dict.fromkeys(value for _, value in numbers[:1] + numbers[-1:]))
 
 
 @pytest.mark.slow
