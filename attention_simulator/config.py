@@ -188,8 +188,7 @@ def unused_sigmoid_options(cfg: DictConfig) -> str | None:
     (on purpose: a sweep over attention=softmax,sigmoid keeps an experiment's sigmoid recipe)."""
     if "sigmoid" not in cfg or "sigmoid" in str(cfg.attention.backend):
         return None
-    defaults = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml").sigmoid
-    changed = {k: v for k, v in cfg.sigmoid.items() if k in defaults and v != defaults[k]}
+    changed = build(cfg.sigmoid).changed()
     if not changed:
         return None
     listed = ", ".join(f"sigmoid.{k}={v}" for k, v in changed.items())
@@ -209,6 +208,18 @@ def check_model_fits_data(cfg: DictConfig, model_args: dict) -> None:
         raise ConfigError(
             f"model {cfg.model._target_} does not fit data {cfg.data._target_}: {' and '.join(reasons)}. Pick a "
             f"model for this data: model={' or model='.join(fitting)}."
+        )
+
+
+def check_positions(model, data) -> None:
+    """A model with a table of absolute positions must cover the longest sequence the data will
+    give it -- evaluation lengths included -- or the run would fail at its first evaluation."""
+    limit, longest = getattr(model, "max_positions", None), getattr(data, "longest_sequence", None)
+    if limit is not None and longest is not None and longest > limit:
+        raise ConfigError(
+            f"model.max_seq_len={limit} is the longest sequence model.pos_embed covers, but the data gives "
+            f"{longest} tokens (data.seq_len, data.eval_seq_lens). Raise model.max_seq_len to {longest}, lower the "
+            "lengths, or put positions in attention: model.pos_embed=none attention.position=rope (or alibi)."
         )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attention import ring
+from .attention import Attention, ring
 from .distributed import World
 from .errors import ConfigError
 
@@ -82,14 +82,35 @@ class Parallel:
     # ---- the data ------------------------------------------------------------------------------
 
     def split(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This process's share of each (B, T) sequence of a batch (all of it without cp)."""
+        """This process's share of each (B, T) sequence of a batch (all of it without cp), and
+        under cp the shared tokens' places in their sequences (`positions`, (T_local,))."""
         if self.cp is None:
             return batch
-        return {k: self.cp.split(v, dim=1) for k, v in batch.items()}
+        shares = {k: self.cp.split(v, dim=1) for k, v in batch.items()}
+        first = next(iter(shares.values()))
+        return shares | {"positions": self.cp.positions(first.shape[1], first.device)}
 
-    def context(self):
-        """While active, self-attention layers run as ring attention over the cp group."""
-        return ring.sharded(self.cp) if self.cp is not None else contextlib.nullcontext()
+    def context(self, model: nn.Module):
+        """While active, the model's attention layers run as ring attention over the cp group
+        (enter it around forward and backward: activation checkpointing recomputes in backward)."""
+        return context_parallel(model, self.cp) if self.cp is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def context_parallel(model: nn.Module, cp: ring.ContextParallel):
+    """While active, every attention layer of `model` takes this process's share of each
+    sequence and attends over `cp` with ring attention: applied from outside, as FSDP is, to a
+    model whose code is unchanged. Cross-attention has no shared sequence to split: refused."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if any(layer.cross for layer in layers):
+        raise ValueError("cross-attention is not context-parallel: its keys are another sequence.")
+    for layer in layers:
+        layer.sequence_parallel = cp
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.sequence_parallel = None
 
 
 def shard(model: nn.Module, mesh, param_dtype: torch.dtype | None, reshard_after_forward: bool):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import optorch
 
 from .cli import exit_on_user_error, run_cli
-from .config import CONFIG_DIR, build, check_model_fits_data, unused_sigmoid_options, validate
+from .config import CONFIG_DIR, build, check_model_fits_data, check_positions, unused_sigmoid_options, validate
 from .diagnostics import Diagnostics
 from .distributed import World, from_main, join, launched_rank, leave
 from .errors import ConfigError
@@ -92,10 +92,12 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
             + (masked + "data.masking=null. " if "text" in (task.data_kind, data.kind) else "")
             + "Choose a task and data of one kind (or start from an experiment: +experiment=vit_*|lm_*|mlm_*|asr_*)."
         )
+    data.prepare()  # the file work (datasets, tokenisers), after the checks that need none
     check_model_fits_data(cfg, data.model_args)
     if (note := unused_sigmoid_options(cfg)) and world.is_main:
         log.info(note)
     model = build_model(cfg, data.model_args, attention)
+    check_positions(model, data)
     optimizer, learning_rate = build_optimizer(cfg, model)
     diagnostics = Diagnostics(build(cfg.diagnostics), model)
     trainer = Trainer(

@@ -16,7 +16,7 @@ import optorch
 
 from . import checkpoint as ckpt
 from .data.loader import seed_for
-from .diagnostics import Diagnostics, DiagnosticsConfig, lipschitz
+from .diagnostics import Diagnostics, DiagnosticsConfig
 from .distributed import gather_objects, reduce_metrics, sum_across
 from .errors import CheckpointError, ConfigError
 from .parallel import Parallel, even_batches
@@ -167,8 +167,8 @@ class Trainer:
         unscale = 1.0 / self.world.world_size
         self.diagnostics.grad_unscale = self.loss_scale.scale.reciprocal() * unscale if self.scaler else unscale
         for micro in range(self.cfg.grad_accum):
-            with self.no_sync(micro == self.cfg.grad_accum - 1):
-                with self.autocast(), self.parallel.context():
+            with self.no_sync(micro == self.cfg.grad_accum - 1), self.parallel.context(self.train_model):
+                with self.autocast():
                     batch = self.parallel.split(_to(next(batches), self.device))
                     loss, metrics = self.task.training_step(self.train_model, batch)
                 self.batches_consumed += 1
@@ -245,8 +245,8 @@ class Trainer:
                     for k, (total, count) in self.eval_step(batch).items():
                         acc = sums.setdefault(f"eval/{k}{suffix}", [0.0, 0])
                         acc[0], acc[1] = acc[0] + total, acc[1] + count
-                if i == 0 and not suffix:  # the attention layers' Jacobian norms on this batch (diagnostics.lipschitz)
-                    lipschitz.record(self.diagnostics, self.model, self.eval_step, batch, self.parallel)
+                if i == 0 and not suffix:
+                    self.diagnostics.evaluation_batch(self.model, self.eval_step, batch, self.parallel)
             if self.parallel.sharded:  # every forward gathers parameters from all processes: as many here
                 for _ in range(even_batches(len(loader), self.device) - len(loader)):
                     self.eval_step(batch)  # uncounted
@@ -262,7 +262,7 @@ class Trainer:
         return results
 
     def eval_step(self, batch) -> dict:
-        with self.autocast(), self.parallel.context():
+        with self.autocast(), self.parallel.context(self.model):
             return self.task.eval_step(self.model, self.parallel.split(_to(batch, self.device)))
 
     def samples(self) -> dict[str, str]:

@@ -106,16 +106,28 @@ def sigmoid_weights(
     softcap > 0: the scores x = scale·q·k become softcap·tanh(x / softcap) before the bias and
     ALiBi are added."""
     dtype = _compute_dtype(q) if upcast else q.dtype
-    hq, hk = q.shape[2], k.shape[2]
     allowed, alibi = attention_mask(q.shape[1], k.shape[1], causal, window, alibi_slopes, q_lengths, k_lengths,
                                     device=q.device, dtype=dtype)  # fmt: skip
-    logits = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.repeat_interleave(hq // hk, dim=2).to(dtype)) * scale
+    logits = attention_logits(q, k, scale, dtype=dtype, softcap=softcap, bias=bias, alibi=alibi)
+    return torch.sigmoid(logits).masked_fill(~allowed, 0.0)
+
+
+def attention_logits(q, k, scale: float, *, dtype=None, softcap=0.0, bias=None, alibi=None) -> torch.Tensor:
+    """The scores before the activation, (B, Hq, Tq, Tk) in `dtype` (default: q's): scale·q·kᵀ,
+    each key head serving its group of query heads (GQA), soft-capped to softcap·tanh(x / softcap)
+    when softcap > 0, then the bias (a float, [], [H], [B, H] or per row [B, H, Tq]) and the ALiBi
+    term (`attention_mask`'s) added. Masking is the caller's: 0 after a sigmoid, −inf before a
+    softmax."""
+    dtype = dtype or q.dtype
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
     if softcap > 0:
         logits = softcap * torch.tanh(logits / softcap)
-    logits = logits + _logit_bias(bias, dtype, q.device)
+    if bias is not None:
+        logits = logits + _logit_bias(bias, dtype, q.device)
     if alibi is not None:
         logits = logits + alibi
-    return torch.sigmoid(logits).masked_fill(~allowed, 0.0)
+    return logits
 
 
 def weighted_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

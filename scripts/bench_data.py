@@ -130,7 +130,7 @@ def main():
         os.environ["HF_DATASETS_CACHE"] = str(cache)
         datasets.config.HF_DATASETS_CACHE = str(cache)
         TextData(name="bench_corpus", path=str(corpus), tokenizer="bpe", vocab_size=args.vocab, seq_len=1024,
-                 batch_size=32, eval_max_tokens=4096)  # fmt: skip
+                 batch_size=32, eval_max_tokens=4096).prepare()  # fmt: skip
         data_s = time.perf_counter() - start
     print(
         f"time to first step, BPE: first run {cold:.1f} s (trains the BPE, tokenises); second run {warm:.1f} s: "

@@ -81,8 +81,7 @@ def activations(parallel: Parallel, device, args) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, {"vocab_size": VOCAB}).to(device)
     tokens = torch.randint(0, VOCAB, (1, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    if parallel.cp is not None:
-        tokens = parallel.cp.split(tokens)
+    batch = parallel.split({"tokens": tokens})  # this process's share, and its positions under cp
     inside = [0]  # > 0 while an attention layer runs
     for module in model.modules():
         if isinstance(module, Attention):
@@ -96,9 +95,9 @@ def activations(parallel: Parallel, device, args) -> dict:
             saved[where][storage.data_ptr()] = storage.nbytes()
         return t
 
-    with parallel.context():
+    with parallel.context(model):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the forward keeps
-            loss = model(tokens).float().sum()
+            loss = model(batch["tokens"], positions=batch.get("positions")).float().sum()
         loss.backward()
     return {where: sum(sizes.values()) for where, sizes in saved.items()}
 

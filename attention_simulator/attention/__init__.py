@@ -7,7 +7,7 @@ from .backends import BACKENDS, AttentionSpec, register_backend
 from .config import AttentionConfig
 from .kvcache import KVCache
 from .positions import RotaryEmbedding, alibi_slopes, sincos_1d, sincos_2d
-from .ring import ContextParallel, ring_attention, sharded
+from .ring import ContextParallel, ring_attention
 
 __all__ = [
     "Attention",
@@ -23,5 +23,4 @@ __all__ = [
     "ring",
     "ContextParallel",
     "ring_attention",
-    "sharded",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Protocol
 
 import torch
 from einops import rearrange
@@ -11,10 +12,9 @@ from torch import nn
 
 from flash_sigmoid.reference import keys_per_row
 
-from ..diagnostics.probes import AttentionProbe, Probe
 from ..errors import ConfigError
-from . import ring
-from .backends import BACKENDS, AttentionSpec
+from ..probes import AttentionProbe, Probe
+from .backends import BACKENDS, AttentionSpec, Backend
 from .config import AttentionConfig
 from .kvcache import KVCache
 from .masks import Documents, Padding
@@ -34,6 +34,19 @@ def _compact(b: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _learned(kind: str | None, heads: int) -> nn.Parameter | None:
     return None if kind is None else nn.Parameter(torch.zeros(() if kind == "scalar" else (heads,)))
+
+
+class SequenceParallel(Protocol):
+    """How a layer attends when its input is one process's share of longer sequences: set from
+    outside (`parallel.context_parallel`, with `ring.ContextParallel`), as FSDP is applied."""
+
+    size: int  # the processes that share each sequence
+
+    def positions(self, local_len: int, device=None) -> torch.Tensor:
+        """(local_len,) the global positions of this process's tokens."""
+
+    def attend(self, q, k, v, spec: AttentionSpec, backend: Backend) -> torch.Tensor:
+        """Attention of the local queries to every process's keys: (B, Tq, H, D)."""
 
 
 class Attention(nn.Module):
@@ -84,6 +97,7 @@ class Attention(nn.Module):
         self.log_temperature = _learned(config.temperature, num_heads)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(config.proj_drop) if config.proj_drop else nn.Identity()
+        self.sequence_parallel: SequenceParallel | None = None  # context parallelism, while applied
         self.weights_probe = AttentionProbe("attn", entropy=self.described.activation == "softmax")
         self.values_probe = Probe("attn_v")
         self.out_probe = Probe("attn_out")
@@ -147,15 +161,14 @@ class Attention(nn.Module):
         return KVCache(batch, max_len, self.kv_heads, self.head_dim, device, dtype)
 
     def forward(self, x, padding: Padding | None = None, context=None, context_padding: Padding | None = None,
-                cache: KVCache | None = None, documents: Documents | None = None):  # fmt: skip
+                cache: KVCache | None = None, documents: Documents | None = None, positions=None):  # fmt: skip
         """With a `cache`, x holds the next tokens: queries attend to every cached key too (the
         masks are bottom-right aligned, so this equals recomputing the whole prefix). With
-        `documents`, each document of a packed block attends only to itself, as its own sequence."""
+        `documents`, each document of a packed block attends only to itself, as its own sequence.
+        `positions` (T,): the tokens' places in their sequence for RoPE when they are not 0..T−1
+        (one process's share under context parallelism)."""
         if self.cross != (context is not None):
             raise ValueError("this Attention was built for " + ("cross" if self.cross else "self") + "-attention.")
-        cp = ring.current()  # context parallel: x is this rank's zig-zag share of longer sequences
-        if cp is not None:
-            ring.check_layer(self.config, cross=self.cross, cache=cache, documents=documents)
         q, k, v = self.project(x, context)  # (B, Tq, H, D), (B, Tk, Hk, D) x 2
         q, k = self.q_norm(q), self.k_norm(k)
         if documents is not None:  # one padded row per document: (N, L, H, D)
@@ -163,14 +176,14 @@ class Attention(nn.Module):
         q_padding = padding if documents is None else documents.padding
         k_padding = context_padding if self.cross else q_padding
         if self.rope is not None:  # each sequence continues at its own position
-            q, k = self.rotated(q, k, cache, cp)
+            q, k = self.rotated(q, k, cache, positions)
         if cache is not None:
             k, v, k_padding = self.cached(cache, k, v, q_padding, k_padding)  # (B, filled + Tq, Hk, D) x 2
         if self.log_temperature is not None:
             q = q * self.log_temperature.exp().reshape(-1, 1).to(q.dtype)  # scales every logit of the head
-        tk = self.keys_in_sequence(q, k, cache, cp)
+        tk = self.keys_in_sequence(q, k, cache)
         spec = self.spec(q, tk, q_padding, k_padding, cache)
-        out = self.attend(q, k, v, spec, cp)  # (B, Tq, H, D)
+        out = self.attend(q, k, v, spec)  # (B, Tq, H, D)
         if cache is not None:
             cache.advance(q.shape[1] if q_padding is None else q_padding.lengths, q.shape[1])
         if self.config.length_norm is not None:
@@ -189,16 +202,19 @@ class Attention(nn.Module):
             raise ValueError("documents are for self-attention without a KV cache.")
         return documents.group(q), documents.group(k), documents.group(v)
 
-    def rotated(self, q, k, cache: KVCache | None, cp):
-        """RoPE at each token's position: after the cached tokens when decoding, at the shard's
-        global positions under context parallelism."""
+    def rotated(self, q, k, cache: KVCache | None, positions):
+        """RoPE at each token's position: after the cached tokens when decoding, at `positions`
+        when given, else at a context-parallel shard's global positions."""
         offset = 0 if cache is None else cache.lengths
-        positions = None if cp is None else cp.positions(q.shape[1], q.device)
+        if positions is None and self.sequence_parallel is not None:
+            positions = self.sequence_parallel.positions(q.shape[1], q.device)
         return self.rope(q, offset, positions), self.rope(k, offset, positions)
 
     def cached(self, cache: KVCache, k, v, q_padding: Padding | None, k_padding: Padding | None):
         """Keys and values to attend when decoding: the whole cache with the new ones appended
         (and its padding), or, for a backend that writes the cache itself, the new ones as they are."""
+        if self.sequence_parallel is not None:
+            raise ValueError("decoding with a KV cache is not context-parallel: decode outside the context.")
         if self.described.writes_kv_cache:
             cache.check_room(k.shape[1])
             return k, v, k_padding
@@ -206,12 +222,12 @@ class Attention(nn.Module):
         k, v = cache.write(k, v)  # (B, filled + Tq, Hk, D)
         return k, v, Padding.of(cache.lengths + new, k.shape[1])
 
-    def keys_in_sequence(self, q, k, cache: KVCache | None, cp) -> int:
+    def keys_in_sequence(self, q, k, cache: KVCache | None) -> int:
         """The sequence's key count: a fused cache holds filled + Tq; a context-parallel shard
-        holds 1 / cp.size of them."""
+        holds 1 / size of them."""
         if cache is not None and self.described.writes_kv_cache:
             return cache.filled + q.shape[1]
-        return k.shape[1] * (1 if cp is None else cp.size)
+        return k.shape[1] * (1 if self.sequence_parallel is None else self.sequence_parallel.size)
 
     def spec(self, q, tk: int, q_padding: Padding | None, k_padding: Padding | None, cache) -> AttentionSpec:
         lengths = None if q_padding is None else q_padding.lengths
@@ -229,10 +245,10 @@ class Attention(nn.Module):
             kv_cache=cache if self.described.writes_kv_cache else None,
         )
 
-    def attend(self, q, k, v, spec: AttentionSpec, cp) -> torch.Tensor:
-        """The backend, or ring attention over the context-parallel group: (B, Tq, H, D)."""
-        if cp is not None:
-            return ring.ring_attention(q, k, v, spec, cp, self.described.activation, self.described.ring_kernel)
+    def attend(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
+        """The backend, or its context-parallel form: (B, Tq, H, D)."""
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.attend(q, k, v, spec, self.described)
         if spec.probe is not None:
             spec.probe.record_logits(q, k, spec)
         return self.backend(q, k, v, spec)

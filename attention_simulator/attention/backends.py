@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import flash_sigmoid
-from flash_sigmoid.reference import attention_mask, sigmoid_weights, weighted_values
+from flash_sigmoid.reference import attention_logits, attention_mask, sigmoid_weights, weighted_values
 
 from .masks import Padding
 from .ops import at_least_fp32, repeat_kv
 
 if TYPE_CHECKING:
-    from ..diagnostics.probes import AttentionProbe
+    from ..probes import AttentionProbe
     from .kvcache import KVCache
 
 
@@ -97,7 +97,12 @@ BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, activation: str, supports: set[str], *, reference: str | None = None,
                      ring_kernel: str | None = None, writes_kv_cache: bool = False):  # fmt: skip
-    """Register `fn(q, k, v, spec) -> out` under `name`, described by the `Backend` fields."""
+    """Register `fn(q, k, v, spec) -> out` under `name` (a decorator), described by the
+    `Backend` fields: q (B, Tq, H, D), k and v (B, Tk, Hk, D), `spec` an `AttentionSpec`; out
+    (B, Tq, H, D). `supports` names the `OPTIONS` it honours (a config that switches on another
+    is refused at start-up, naming the backends that can); `reference` its naive twin,
+    registered first; `ring_kernel` what serves it under context parallelism. Then
+    `configs/attention/NAME.yaml` (starting from softmax.yaml or sigmoid.yaml) selects it."""
     unknown = set(supports) - set(OPTIONS)
     if unknown:
         raise ValueError(f"backend {name!r} declares unknown options {sorted(unknown)}; known: {OPTIONS}.")
@@ -141,10 +146,8 @@ def _softmax_inputs(q, k, spec):
     """Scaled scores (B, H, Tq, Tk) with ALiBi and −inf at masked pairs, and which rows attend to
     anything. A row with no key (e.g. a padded query beyond a window) gets all-zero weights
     instead of softmax's NaN, as in flash-attn."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, repeat_kv(k, q.shape[2])) * spec.scale
-    allowed, alibi = spec.mask(q, k, scores.dtype)
-    if alibi is not None:
-        scores = scores + alibi
+    allowed, alibi = spec.mask(q, k, q.dtype)
+    scores = attention_logits(q, k, spec.scale, alibi=alibi)  # (B, H, Tq, Tk)
     any_key = allowed.any(-1, keepdim=True)
     return scores.masked_fill(~(allowed | ~any_key), float("-inf")), any_key
 

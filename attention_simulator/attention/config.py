@@ -3,7 +3,7 @@ chosen backend honours."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..errors import ConfigError
 from .backends import BACKENDS, backends_supporting
@@ -98,3 +98,19 @@ class AttentionConfig:
                 f"attention.backend={self.backend!r} cannot honour {option}; backends that can: "
                 f"{backends_supporting(option)}. Switch the backend or turn the option off."
             )
+
+
+@dataclass(frozen=True)
+class SigmoidOptions:
+    """The run config's `sigmoid:` section: the options only sigmoid backends read (their
+    attention config takes them by interpolation). Kept apart from `attention:` so that one sweep
+    over attention=softmax,sigmoid compares both on an experiment's sigmoid recipe."""
+
+    bias: float | str | None = "auto"
+    bias_n: str = "max_length"
+    learnable_bias: str | None = None
+    length_norm: str | None = None
+
+    def changed(self) -> dict:
+        """The options set away from their defaults."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}

@@ -38,14 +38,14 @@ import torch.distributed as dist
 from einops import rearrange
 
 import flash_sigmoid
+from flash_sigmoid.reference import allowed_and_alibi, attention_logits, weighted_values
 
 from ..errors import ConfigError
-from .backends import BACKENDS, AttentionSpec
-from .ops import at_least_fp32, repeat_kv
+from .backends import BACKENDS, AttentionSpec, Backend
+from .ops import at_least_fp32
 
 if TYPE_CHECKING:
     from .config import AttentionConfig
-    from .kvcache import KVCache
 
 
 def _zigzag_positions(rank: int, size: int, local_len: int, device=None) -> torch.Tensor:
@@ -78,6 +78,11 @@ class ContextParallel:
         chunks = x.chunk(2 * self.size, dim)
         return torch.cat([chunks[self.rank], chunks[2 * self.size - 1 - self.rank]], dim)
 
+    def attend(self, q, k, v, spec: AttentionSpec, backend: Backend) -> torch.Tensor:
+        """`ring_attention` with the per-block kernel that serves `backend` (an `Attention`
+        layer's `sequence_parallel`)."""
+        return ring_attention(q, k, v, spec, self, backend.activation, backend.ring_kernel)
+
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of `split`: the full sequence from every rank's piece (an all_gather, no autograd)."""
         if self.size == 1:
@@ -88,26 +93,6 @@ class ContextParallel:
         for rank, piece in enumerate(pieces):
             chunks[rank], chunks[2 * self.size - 1 - rank] = piece.chunk(2, dim)
         return torch.cat(chunks, dim)
-
-
-# a module variable, not a context variable: autograd may recompute a forward (activation
-# checkpointing) on its own device thread, which must see the sharding too
-_current: ContextParallel | None = None
-
-
-@contextlib.contextmanager
-def sharded(cp: ContextParallel | None):
-    """While active, every self-attention layer runs as ring attention over `cp` (None: no sharding)."""
-    global _current
-    previous, _current = _current, cp
-    try:
-        yield cp
-    finally:
-        _current = previous
-
-
-def current() -> ContextParallel | None:
-    return _current
 
 
 # ---- what context parallelism cannot honour ------------------------------------------------------
@@ -132,19 +117,6 @@ def check_supported(config: AttentionConfig) -> None:
             "trainer.context_parallel cannot honour " + "; ".join(problems) + ". Change these options, or turn "
             "context parallelism off (trainer.context_parallel=1)."
         )
-
-
-def check_layer(config: AttentionConfig, *, cross: bool, cache: KVCache | None, documents=None) -> None:
-    """What an `Attention` layer checks before running sharded: its options, and that it is
-    self-attention without a KV cache or packed documents (cross-attention, decoding and
-    document masks are not context-parallel)."""
-    check_supported(config)
-    if cross:
-        raise ValueError("cross-attention is not context-parallel: run it outside `ring.sharded`.")
-    if cache is not None:
-        raise ValueError("decoding with a KV cache is not context-parallel: run it outside `ring.sharded`.")
-    if documents is not None:
-        raise ValueError("packed documents (data.document_masks) are not context-parallel.")
 
 
 def _check_call(q, k, spec: AttentionSpec, bias) -> None:
@@ -184,6 +156,7 @@ class _Step:
     causal: bool  # the rank's own block: causal within it (global positions increase along it)
     q_pos: torch.Tensor  # (rows,) global positions
     k_pos: torch.Tensor  # (cols,)
+    length: int  # the whole sequence's
 
 
 def _step(ring: _Ring, source: int, local_len: int, device) -> _Step:
@@ -196,7 +169,7 @@ def _step(ring: _Ring, source: int, local_len: int, device) -> _Step:
     causal = ring.spec.causal and source == cp.rank
     q_pos = cp.positions(local_len, device)[rows]
     k_pos = _zigzag_positions(source, cp.size, local_len, device)[cols]
-    return _Step(rows, cols, causal, q_pos, k_pos)
+    return _Step(rows, cols, causal, q_pos, k_pos, local_len * cp.size)
 
 
 def _naive_block(ring: _Ring, step: _Step, q, k, v, bias):
@@ -204,21 +177,17 @@ def _naive_block(ring: _Ring, step: _Step, q, k, v, bias):
     positions: (out (B, Tq, H, D), mass (B, H, Tq)) for sigmoid, (out, lse (B, H, Tq)) for softmax."""
     spec = ring.spec
     q, k, v = (at_least_fp32(t) for t in (q, k, v))
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, repeat_kv(k, q.shape[2])) * spec.scale  # (B, H, Tq, Tk)
-    distance = step.k_pos[None, :] - step.q_pos[:, None]  # (Tq, Tk) key position − query position
-    if spec.alibi_slopes is not None:
-        logits = logits - spec.alibi_slopes.to(logits.dtype)[:, None, None] * distance.abs()
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype).reshape(-1, 1, 1)  # [] or [H]
-    if step.causal:
-        logits = logits.masked_fill(distance > 0, float("-inf"))  # weight 0 under sigmoid and softmax
+    slopes = None if spec.alibi_slopes is None else spec.alibi_slopes.to(q.dtype)
+    allowed, alibi = allowed_and_alibi(step.q_pos, step.k_pos, 0, step.causal, (-1, -1), slopes, step.length)
+    logits = attention_logits(q, k, spec.scale, bias=bias, alibi=alibi)  # (B, H, Tq, Tk)
+    logits = logits.masked_fill(~allowed, float("-inf"))  # weight 0 under sigmoid and softmax
     if ring.activation == "sigmoid":
         weights = torch.sigmoid(logits)
         stat = weights.sum(-1)  # (B, H, Tq)
     else:  # every row of a block sees at least one key (see `_step`): lse is finite
         stat = torch.logsumexp(logits, dim=-1)  # (B, H, Tq)
         weights = torch.exp(logits - stat[..., None])
-    return torch.einsum("bhqk,bkhd->bqhd", weights, repeat_kv(v, q.shape[2])), stat  # (B, Tq, H, D)
+    return weighted_values(weights, v), stat  # (B, Tq, H, D)
 
 
 def _flash_block(ring: _Ring, step: _Step, q, k, v, bias):

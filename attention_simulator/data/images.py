@@ -61,8 +61,6 @@ def _build_digits() -> datasets.DatasetDict:
 
 
 def load_image_dataset(name: str, path: str | None) -> datasets.DatasetDict:
-    if name not in SOURCES:
-        raise ConfigError(f"data.name={name!r} is not an image dataset; choose one of {sorted(SOURCES)}.")
     source = SOURCES[name]
     if name == "digits" and path is None:
         return load_digits()
@@ -138,15 +136,9 @@ class ImageData:
         check_batch_sizes(batch_size, eval_batch_size)
         if len(mean) != channels or len(std) != channels:
             raise ConfigError(f"data.mean and data.std need {channels} values (data.channels), got {mean} / {std}.")
-        self.name, self.source = name, SOURCES.get(name)
-        self.splits = load_image_dataset(name, path)
-        for split in (self.source.train_split, self.source.eval_split):
-            if split not in self.splits:
-                raise DatasetUnavailableError(f"Dataset {name!r} has no {split!r} split; found {list(self.splits)}.")
-        labels = self.splits[self.source.train_split].features["label"]
-        found = getattr(labels, "num_classes", None)
-        if found is not None and found != num_classes:
-            raise ConfigError(f"data.num_classes={num_classes} but dataset {name!r} has {found} classes.")
+        if name not in SOURCES:
+            raise ConfigError(f"data.name={name!r} is not an image dataset; choose one of {sorted(SOURCES)}.")
+        self.name, self.path, self.source, self.splits = name, path, SOURCES[name], None
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
@@ -157,6 +149,22 @@ class ImageData:
             hflip,
             eval_crop,
         )
+
+    def prepare(self) -> ImageData:
+        """The file work, once per object: load the dataset (downloaded or built on a machine's
+        first run) and check its splits and classes. The trainer calls it after its start-up
+        checks; the loaders call it first."""
+        if self.splits is not None:
+            return self
+        splits = load_image_dataset(self.name, self.path)
+        for split in (self.source.train_split, self.source.eval_split):
+            if split not in splits:
+                raise DatasetUnavailableError(f"Dataset {self.name!r} has no {split!r} split; found {list(splits)}.")
+        found = getattr(splits[self.source.train_split].features["label"], "num_classes", None)
+        if found is not None and found != self.num_classes:
+            raise ConfigError(f"data.num_classes={self.num_classes} but dataset {self.name!r} has {found} classes.")
+        self.splits = splits
+        return self
 
     def _pixels(self, img: torch.Tensor) -> torch.Tensor:
         """A decoded image (H, W), (C, H, W) or (H, W, C) as float (channels, H, W) in [0, 1]."""
@@ -186,13 +194,13 @@ class ImageData:
         return KeyedDataset(rows_source(self.splits[split]), lambda r, g: self._batch(r, g, train), seed)
 
     def train_loader(self, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
-        dataset = self._dataset(self.source.train_split, seed, train=True)
+        dataset = self.prepare()._dataset(self.source.train_split, seed, train=True)
         sampler = EpochBatchSampler(len(dataset), self.batch_size, seed, start, rank, world_size)
         return make_loader(dataset, sampler, self.num_workers)
 
     def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
         """{"": the evaluation split's loader} (metrics eval/<name>)."""
-        dataset = self._dataset(self.source.eval_split, 0, train=False)
+        dataset = self.prepare()._dataset(self.source.eval_split, 0, train=False)
         batches = eval_batches(len(dataset), self.eval_batch_size, rank, world_size)
         return {"": make_loader(dataset, batches, self.num_workers)}
 

@@ -166,17 +166,26 @@ class SpeechData:
         self.group_batches, self.num_workers = group_batches, num_workers
         buckets = long_buckets(eval_splits, name == "speech_synth" and path is None)  # checked before any build
         self.eval_splits = list(dict.fromkeys(eval_splits))
-        synth_config = SynthConfig.from_options(synth or {})
-        self.splits = load_speech_dataset(name, path, synth_config)
-        for split, parts in buckets.items():
-            if parts > len(self.splits["test"]):
-                raise ConfigError(
-                    f"data.eval_splits: {split} joins more utterances than the test split's {len(self.splits['test'])}."
-                )
-            self.splits[split] = synthesize_long(synth_config, parts)
+        self.path, self.buckets, self.synth = path, buckets, SynthConfig.from_options(synth or {})
         self.log_mel = LogMel(SAMPLE_RATE, n_mels)
         self.specaugment = SpecAugment(**specaugment) if specaugment else None
-        self.lengths = {s: utterance_lengths(self.splits[s]) for s in self.splits}
+        self.splits, self.lengths = None, None  # prepare()
+
+    def prepare(self) -> SpeechData:
+        """The file work, once per object: load the corpus (synthesised, and cached, on a
+        machine's first run) and its long-utterance buckets, and read every utterance's length.
+        The trainer calls it after its start-up checks; the loaders call it first."""
+        if self.lengths is not None:
+            return self
+        splits = load_speech_dataset(self.name, self.path, self.synth)
+        for split, parts in self.buckets.items():
+            if parts > len(splits["test"]):
+                raise ConfigError(
+                    f"data.eval_splits: {split} joins more utterances than the test split's {len(splits['test'])}."
+                )
+            splits[split] = synthesize_long(self.synth, parts)
+        self.splits, self.lengths = splits, {s: utterance_lengths(splits[s]) for s in splits}
+        return self
 
     @property
     def model_args(self) -> dict:
@@ -209,13 +218,14 @@ class SpeechData:
         return KeyedDataset(self.splits[split], lambda rows, g: self._batch(rows, g, train), seed)
 
     def train_loader(self, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
-        sampler = LengthGroupedBatchSampler(self.lengths["train"], self.batch_size, seed, start, rank, world_size,
-                                            self.group_batches)  # fmt: skip
+        lengths = self.prepare().lengths["train"]
+        sampler = LengthGroupedBatchSampler(lengths, self.batch_size, seed, start, rank, world_size, self.group_batches)
         return make_loader(self._dataset("train", seed, train=True), sampler, self.num_workers)
 
     def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
         """{"": dev (eval/wer, ...)} and one per `eval_splits` entry ("@test": eval/wer@test,
         "@long_2x": eval/wer@long_2x, ...), each shortest first."""
+        self.prepare()
         loaders = {}
         for key, split in [("", "dev")] + [(f"@{split}", split) for split in self.eval_splits]:
             order = np.argsort(self.lengths[split], kind="stable").tolist()

@@ -33,7 +33,7 @@ HUB = {  # name -> (Hub id, configuration, train split, validation split)
     "tiny_shakespeare": ("karpathy/tiny_shakespeare", None, "train", "validation"),
     "wikitext103": ("Salesforce/wikitext", "wikitext-103-raw-v1", "train", "validation"),
     "c4_realnewslike": ("allenai/c4", "realnewslike", "train", "validation"),
-    "openwebtext": ("Skylion007/openwebtext", None, "train", None),
+    "openwebtext": ("Skylion007/openwebtext", None, "train", None),  # no validation split: cut by document
 }
 
 
@@ -59,16 +59,33 @@ def _by_document(dataset):
     )
 
 
-def load_text_dataset(name: str, path: str | None, streaming: bool = False):
-    """{"train", "validation"}: datasets, or with `streaming` 🤗 IterableDatasets read as they go."""
+def load_text_dataset(name: str, path: str | None, streaming: bool = False, hub_config: str | None = None,
+                      text_column: str = "text"):  # fmt: skip
+    """{"train", "validation"}: datasets, or with `streaming` 🤗 IterableDatasets read as they go.
+    `name` is pydoc, a corpus of `HUB`, or any Hub id (`owner/dataset`, with `hub_config`); a
+    split without validation is cut into train / validation by document. `text_column` is
+    renamed to "text"."""
+    loaded = _load_text_dataset(name, path, streaming, hub_config)
+    if text_column == "text":
+        return loaded
+    columns = loaded["train"].column_names
+    if columns is not None and text_column not in columns:
+        raise ConfigError(f"data.text_column={text_column!r}: dataset {name!r} has columns {columns}.")
+    return {s: d.rename_column(text_column, "text") for s, d in loaded.items()}
+
+
+def _load_text_dataset(name: str, path: str | None, streaming: bool, hub_config: str | None):
     if name == "pydoc" and path is None:
         loaded = load_pydoc()
         return {s: d.to_iterable_dataset() for s, d in loaded.items()} if streaming else loaded
-    if name not in HUB and path is None:
-        raise ConfigError(f"data.name={name!r} is not a text dataset; choose pydoc, {', '.join(HUB)} or set data.path.")
+    if name not in HUB and "/" not in name and path is None:
+        raise ConfigError(
+            f"data.name={name!r} is not a text dataset; choose pydoc, {', '.join(HUB)}, a Hub id (owner/dataset, e.g. "
+            "data=hub_text data.name=roneneldan/TinyStories) or set data.path."
+        )
     how_to = (
         "Point data.path at a local copy: a dataset saved with save_to_disk (train / validation splits with a "
-        "'text' column) or a folder of .txt files (one document each)"
+        "'text' column, or data.text_column) or a folder of .txt files (one document each)"
     )
     if path is not None:
         root = local_root(name, path, how_to)
@@ -82,9 +99,9 @@ def load_text_dataset(name: str, path: str | None, streaming: bool = False):
             raise DatasetUnavailableError(f"Dataset {name!r}: no .txt files under data.path={str(root)!r}. {how_to}.")
         text = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=streaming)
         return _by_document(text)
-    hub_id, config, train, validation = HUB[name]
+    hub_id, config, train, validation = HUB.get(name) or (name, hub_config, "train", "validation")
     loaded = load_from_hub(name, hub_id, config, how_to, streaming)
-    if validation is None:
+    if validation not in loaded:
         return _by_document(loaded[train])
     return {"train": loaded[train], "validation": loaded[validation]}
 
@@ -155,6 +172,8 @@ class TextData:
         num_proc: int | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 0,
+        hub_config: str | None = None,
+        text_column: str = "text",
     ):
         if seq_len < 1:
             raise ConfigError(f"data.seq_len={seq_len} must be >= 1.")
@@ -175,25 +194,38 @@ class TextData:
         self.eval_max_tokens = eval_max_tokens
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
         self.position: Position = (0, 0, 0)  # streaming: this process's place in its documents
-        self.splits = load_text_dataset(name, path, streaming)
+        self.path, self.num_proc, self.hub_config, self.text_column = path, num_proc, hub_config, text_column
+        self.tokenizer_options = (tokenizer, vocab_size, tokenizer_train_docs, tokenizer_name)
+        self.splits, self.tokenizer, self.streams = None, None, None  # prepare()
+
+    def prepare(self) -> TextData:
+        """The file work, once per object (each step cached on disk after a run's first): load
+        the dataset, build or load the tokenizer, tokenise the splits. The trainer calls it after
+        its start-up checks; what needs the tokens calls it first."""
+        if self.streams is not None:
+            return self
+        name, (tokenizer, vocab_size, train_docs, tokenizer_name) = self.name, self.tokenizer_options
+        self.splits = load_text_dataset(name, self.path, self.streaming, self.hub_config, self.text_column)
         train = self.splits["train"]
-        if streaming:  # a BPE learns from the stream's first documents
-            corpus = corpus_id(name, path, HUB.get(name))
-            documents = lambda: (b["text"] for b in train.take(tokenizer_train_docs).iter(batch_size=1000))
+        if self.streaming:  # a BPE learns from the stream's first documents
+            corpus = corpus_id(name, self.path, HUB.get(name) or self.hub_config)
+            documents = lambda: (b["text"] for b in train.take(train_docs).iter(batch_size=1000))
         else:
-            corpus, documents = train._fingerprint, lambda: sample_documents(train, tokenizer_train_docs)
-        self.tokenizer = build_tokenizer(tokenizer, corpus, documents, vocab_size, tokenizer_train_docs, tokenizer_name)
-        if streaming:  # validation: the validation stream's first tokens, enough for every length
-            needed = eval_max_tokens + max(self.eval_seq_lens) + 1
-            self.streams = {"validation": first_tokens(self.splits["validation"], self.tokenizer, needed)}
+            corpus, documents = train._fingerprint, lambda: sample_documents(train, train_docs)
+        self.tokenizer = build_tokenizer(tokenizer, corpus, documents, vocab_size, train_docs, tokenizer_name)
+        if self.streaming:  # validation: the validation stream's first tokens, enough for every length
+            needed = self.eval_max_tokens + max(self.eval_seq_lens) + 1
+            streams = {"validation": first_tokens(self.splits["validation"], self.tokenizer, needed)}
         else:
-            self.streams = {s: token_stream(self.splits[s], self.tokenizer, f"{name}/{s}", num_proc)
-                            for s in ("train", "validation")}  # fmt: skip
-        if len(self.streams["validation"]) <= max(self.eval_seq_lens):
+            streams = {s: token_stream(self.splits[s], self.tokenizer, f"{name}/{s}", self.num_proc)
+                       for s in ("train", "validation")}  # fmt: skip
+        if len(streams["validation"]) <= max(self.eval_seq_lens):
             raise ConfigError(
-                f"The {name!r} validation split has {len(self.streams['validation'])} tokens: too few for "
+                f"The {name!r} validation split has {len(streams['validation'])} tokens: too few for "
                 f"evaluating at length {max(self.eval_seq_lens)}; lower data.eval_seq_lens."
             )
+        self.streams = streams
+        return self
 
     @property
     def kind(self) -> str:
@@ -201,9 +233,14 @@ class TextData:
         return "text" if self.masking is None else "masked_text"
 
     @property
+    def longest_sequence(self) -> int:
+        """The longest sequence a run feeds the model, in training or evaluation."""
+        return max(self.eval_seq_lens)
+
+    @property
     def model_args(self) -> dict:
         """What the model needs from the data: the vocabulary size (+ the mask token)."""
-        return {"vocab_size": self.tokenizer.vocab_size + (self.masking is not None)}
+        return {"vocab_size": self.prepare().tokenizer.vocab_size + (self.masking is not None)}
 
     def _dataset(self, split: str, length: int, seed: int, max_blocks: int | None = None) -> KeyedDataset:
         stream, eos = self.streams[split], self.tokenizer.eos_id
@@ -217,7 +254,7 @@ class TextData:
     def state_dict(self) -> dict:
         """Saved in checkpoints: the tokenizer (a run can be sampled from, attention_simulator.generate)
         and, streaming, every process's stream position (called on every process)."""
-        state = {"tokenizer": self.tokenizer.to_json()}
+        state = {"tokenizer": self.prepare().tokenizer.to_json()}
         return state | ({"stream_positions": gather_objects(self.position)} if self.streaming else {})
 
     def load_state_dict(self, state: dict, rank: int = 0, world_size: int = 1):
@@ -238,6 +275,7 @@ class TextData:
 
     def train_loader(self, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
         """Training batches from global batch `start` on (streaming: from `self.position`)."""
+        self.prepare()
         transform = _Batches(self.tokenizer.eos_id if self.document_masks else None)
         if self.streaming:
             blocks = PackedStream(self.splits["train"], self.tokenizer, self.seq_len, self.batch_size, self.position,
@@ -258,6 +296,7 @@ class TextData:
     def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
         """One loader per evaluation length; the training length's key is "" (eval/loss), the
         others "@LEN" (eval/loss@512). Each sees at most eval_max_tokens tokens."""
+        self.prepare()
         loaders = {}
         for length in self.eval_seq_lens:
             dataset = self._dataset("validation", length, 0, max_blocks=max(1, self.eval_max_tokens // length))

@@ -11,7 +11,7 @@ steps.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -21,7 +21,8 @@ from torch import nn
 import optorch
 
 from ..errors import ConfigError
-from .probes import Probe
+from ..probes import Probe, numbered, probe_key
+from . import lipschitz
 
 KINDS = ("attn", "attn_v", "attn_out", "mlp_out", "resid", "logits")
 
@@ -68,12 +69,6 @@ class DiagnosticsConfig:
                                   "turns the estimate off).")  # fmt: skip
 
 
-def probe_key(kind: str, module_path: str) -> str:
-    """'resid' at 'blocks.3.resid_probe' -> 'resid/block_03'; model-level probes keep the kind."""
-    match = re.search(r"blocks\.(\d+)", module_path)
-    return f"{kind}/block_{int(match.group(1)):02d}" if match else kind
-
-
 class Diagnostics:
     """Attach to a model's probes; record while `recording()` is open on a due step."""
 
@@ -82,10 +77,9 @@ class Diagnostics:
         self.active, self.gradients, self.suffix = False, False, ""
         self.grad_unscale: torch.Tensor | float = 1.0  # 1 / the fp16 loss scale: gradients are recorded unscaled
         self.records: dict[str, torch.Tensor] = {}
-        for path, module in model.named_modules():
-            if isinstance(module, Probe):
-                module.key = probe_key(module.kind, path)
-                module.recorder = self if config.every_n_steps and module.kind in config.probes else None
+        for block, module in numbered(model, Probe):
+            module.key = probe_key(module.kind, block)
+            module.recorder = self if config.every_n_steps and module.kind in config.probes else None
 
     def due(self, step: int) -> bool:
         every = self.config.every_n_steps
@@ -133,6 +127,15 @@ class Diagnostics:
         norms = optorch.norms(tensors)  # of whole parameters also when sharded (FSDP2): one all_reduce
         self.records.update({f"{prefix}/{name}": norm for name, norm in zip(names, norms)})
         return norms
+
+    def evaluation_batch(self, model: nn.Module, forward: Callable, batch: dict, parallel):
+        """The hook the trainer calls with each evaluation's first batch (`forward(batch)` runs
+        the model on a batch as evaluation does): the attention layers' Jacobian norms on it
+        (diagnostics.lipschitz), popped with the probes' statistics."""
+        if self.config.lipschitz:
+            config = self.config
+            self.records.update(lipschitz.estimate(model, forward, batch, config.lipschitz_iters,
+                                                   config.lipschitz_sequences, parallel))  # fmt: skip
 
     def pop(self) -> dict[str, torch.Tensor]:
         records, self.records = self.records, {}

@@ -58,33 +58,25 @@ import torch
 
 from ..attention import Attention
 from ..data.masking import first_rows
-from .collector import DiagnosticsConfig, probe_key
-from .probes import recomputing
+from ..probes import numbered, probe_key, recomputing
 
 log = logging.getLogger(__name__)
 
 
-def estimate(model, forward: Callable, batch: dict, config: DiagnosticsConfig, parallel) -> dict[str, torch.Tensor]:
+def estimate(model, forward: Callable, batch: dict, iters: int, sequences: int, parallel) -> dict[str, torch.Tensor]:
     """`lipschitz/block_NN/<stat>` (0-d tensors on the device) of every attention layer, on the
-    first `config.lipschitz_sequences` sequences of `batch`; `forward(batch)` runs the model on a
-    batch as evaluation does. Empty when `config.lipschitz` is off or the run is sharded."""
-    if not config.lipschitz:
-        return {}
+    first `sequences` sequences of `batch` with `iters` power iterations; `forward(batch)` runs
+    the model on a batch as evaluation does. Empty when the run is sharded."""
     if parallel.sharded or parallel.cp is not None:
         _skipped(parallel.world.is_main)
         return {}
     with captured_inputs(model) as inputs:
-        forward(first_rows(batch, config.lipschitz_sequences))
+        forward(first_rows(batch, sequences))
     return {
         f"{key}/{name}": value
         for key, (layer, args, kwargs) in inputs.items()
-        for name, value in layer_stats(layer, args, kwargs, config.lipschitz_iters).items()
+        for name, value in layer_stats(layer, args, kwargs, iters).items()
     }
-
-
-def record(diagnostics, model, forward: Callable, batch: dict, parallel):
-    """`estimate` into the diagnostics' records, which the evaluation pops with the probes' statistics."""
-    diagnostics.records.update(estimate(model, forward, batch, diagnostics.config, parallel))
 
 
 @functools.cache
@@ -103,9 +95,8 @@ def captured_inputs(model: torch.nn.Module) -> Iterator[dict[str, tuple[Attentio
         inputs.setdefault(key, (layer, args, kwargs))
 
     handles = [
-        module.register_forward_pre_hook(partial(keep, probe_key("lipschitz", path)), with_kwargs=True)
-        for path, module in model.named_modules()
-        if isinstance(module, Attention)
+        module.register_forward_pre_hook(partial(keep, probe_key("lipschitz", block)), with_kwargs=True)
+        for block, module in numbered(model, Attention)
     ]
     try:
         yield inputs

@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionConfig, sincos_1d
+from ..attention import sincos_1d
 from ..attention.masks import Padding
-from ..attention.norms import make_norm
-from ..diagnostics.probes import Probe
 from ..errors import ConfigError
-from .block import TransformerBlock, drop_path_rates, init_weights
+from ..probes import Probe
+from .trunk import Trunk, add_pos_embed, init_weights, trunk_options
 
 
 class ConvSubsampling(nn.Module):
@@ -60,55 +59,25 @@ class ConformerConvolution(nn.Module):
         return x + h * real
 
 
+@trunk_options
 class SpeechRecognizer(nn.Module):
     """features (B, T, n_mels), lengths (B,) -> (log-probs (B, T', vocab), lengths (B,))."""
 
-    def __init__(
-        self,
-        *,
-        n_mels: int,
-        vocab_size: int,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        subsampling_channels: int = 64,
-        conv_kernel: int | None = None,
-        pos_embed: str = "none",
-        max_frames: int = 4096,
-        norm: str = "pre",
-        norm_type: str = "layernorm",
-        layer_scale: float | None = None,
-        drop_path: float = 0.0,
-        dropout: float = 0.1,
-        attention: AttentionConfig = AttentionConfig(),
-        activation_checkpointing: bool = False,
-    ):
+    def __init__(self, *, n_mels: int, vocab_size: int, subsampling_channels: int = 64, conv_kernel: int | None = None,
+                 pos_embed: str = "none", max_frames: int = 4096, dropout: float = 0.1, **trunk):  # fmt: skip
         super().__init__()
-        if pos_embed not in ("none", "learned", "sincos"):
-            raise ConfigError(
-                f"model.pos_embed={pos_embed!r}: use none (RoPE / ALiBi in attention), learned or sincos."
-            )
+        dim = trunk["dim"]
         self.subsampling = ConvSubsampling(n_mels, dim, subsampling_channels)
-        if pos_embed == "learned":  # rows past the longest training utterance are never trained
-            self.pos_embed = nn.Parameter(torch.zeros(1, max_frames, dim))
-        else:
-            table = sincos_1d(max_frames, dim)[None] if pos_embed == "sincos" else None
-            self.register_buffer("pos_embed", table, persistent=False)
+        # learned: rows past the longest training utterance are never trained
+        add_pos_embed(self, pos_embed, max_frames, dim, lambda: sincos_1d(max_frames, dim))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm, norm_type=norm_type,
-                             checkpointing=activation_checkpointing)
-            for rate in drop_path_rates(drop_path, depth)
-        )  # fmt: skip
-        convs = (ConformerConvolution(dim, conv_kernel) for _ in range(depth))
+        self.blocks = Trunk(**trunk)
+        convs = (ConformerConvolution(dim, conv_kernel) for _ in self.blocks)
         self.convs = nn.ModuleList(convs) if conv_kernel else None
-        self.norm = make_norm(norm_type, dim, "model.norm_type")
+        self.norm = self.blocks.final_norm()
         self.head = nn.Linear(dim, vocab_size)
         self.logits_probe = Probe("logits")
         self.apply(init_weights)
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, lengths = self.subsampling(features, lengths)  # (B, T', D), (B,)

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import Attention, AttentionConfig, ring
+from ..attention import Attention, AttentionConfig
 from ..attention.masks import Documents, Padding
 from ..attention.norms import make_norm
-from ..diagnostics.probes import Probe, recomputing
 from ..errors import ConfigError
+from ..probes import Probe, recomputing
 
 
 class LayerScale(nn.Module):
@@ -68,8 +68,8 @@ class TransformerBlock(nn.Module):
 
     pre-norm: `norm` only; post-norm (the original Transformer): `rnorm` only; hybrid-norm:
     `norm` and `post` (y = x + postnorm(f(prenorm(x)))). The others are nn.Identity.
-    With `checkpointing`, training keeps only the block's input and recomputes the rest in
-    backward (activation checkpointing). (B, T, C) -> (B, T, C)."""
+    With `activation_checkpointing`, training keeps only the block's input and recomputes the
+    rest in backward. (B, T, C) -> (B, T, C)."""
 
     def __init__(
         self,
@@ -82,10 +82,10 @@ class TransformerBlock(nn.Module):
         causal: bool = False,
         norm: str = "pre",
         norm_type: str = "layernorm",
-        checkpointing: bool = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
-        self.checkpointing = checkpointing
+        self.dim, self.norm_type, self.checkpointing = dim, norm_type, activation_checkpointing
         if norm not in NORM_PLACEMENTS:
             raise ConfigError(f"model.norm={norm!r}: use one of {list(NORM_PLACEMENTS)}.")
 
@@ -100,40 +100,17 @@ class TransformerBlock(nn.Module):
         self.ls2, self.drop_path2 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
         self.mlp_probe, self.resid_probe = Probe("mlp_out"), Probe("resid")
 
-    def forward(self, x: torch.Tensor, padding: Padding | None = None, cache=None,
-                documents: Documents | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(self, x: torch.Tensor, padding: Padding | None = None, cache=None, documents: Documents | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self.branches, x, padding, cache, documents, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), _recompute(ring.current())))  # fmt: skip
-        return self.branches(x, padding, cache, documents)
+            # the recomputation in backward runs with the probes off: it is not a new observation
+            return checkpoint(self.branches, x, padding, cache, documents, positions, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), recomputing()))  # fmt: skip
+        return self.branches(x, padding, cache, documents, positions)
 
-    def branches(self, x: torch.Tensor, padding: Padding | None = None, cache=None,
-                 documents: Documents | None = None) -> torch.Tensor:  # fmt: skip
-        h = self.post_norm1(self.attn(self.norm1(x), padding=padding, cache=cache, documents=documents))  # (B, T, C)
-        x = self.residual_norm1(x + self.drop_path1(self.ls1(h)))
+    def branches(self, x: torch.Tensor, padding: Padding | None = None, cache=None, documents: Documents | None = None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        h = self.attn(self.norm1(x), padding=padding, cache=cache, documents=documents, positions=positions)
+        x = self.residual_norm1(x + self.drop_path1(self.ls1(self.post_norm1(h))))  # (B, T, C)
         h = self.post_norm2(self.mlp_probe(self.mlp(self.norm2(x)), padding))  # (B, T, C)
         return self.resid_probe(self.residual_norm2(x + self.drop_path2(self.ls2(h))), padding)
-
-
-@contextlib.contextmanager
-def _recompute(cp: ring.ContextParallel | None):
-    """How activation checkpointing repeats a block's forward in backward: as it ran (split over
-    the context-parallel group if it was, though backward runs outside the trainer's context),
-    with probes off (a recomputation is not a new observation)."""
-    with recomputing(), ring.sharded(cp):
-        yield
-
-
-def drop_path_rates(drop_path: float, depth: int) -> list[float]:
-    """Stochastic depth grows linearly with depth, from 0 to `drop_path` (timm's schedule)."""
-    return [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-
-
-def init_weights(module: nn.Module, std: float = 0.02):
-    """timm's ViT init: truncated-normal linear/embedding weights, zero biases, unit norms."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        module.reset_parameters()

@@ -7,68 +7,41 @@ import math
 import torch
 from torch import nn
 
-from ..attention import AttentionConfig, KVCache, ring, sincos_1d
+from ..attention import KVCache, sincos_1d
 from ..attention.masks import Documents, Padding
-from ..attention.norms import make_norm
-from ..diagnostics.probes import Probe
-from ..errors import ConfigError
-from .block import TransformerBlock, drop_path_rates, init_weights
+from ..probes import Probe
+from .trunk import Trunk, add_pos_embed, init_weights, trunk_options
 
 
+@trunk_options
 class DecoderLM(nn.Module):
     """tokens (B, T) -> next-token logits (B, T, vocab_size); with `causal=False` a bidirectional
     encoder (masked modelling) whose logits at position t predict token t itself."""
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        max_seq_len: int = 2048,
-        pos_embed: str = "none",
-        tie_embeddings: bool = True,
-        norm: str = "pre",
-        norm_type: str = "layernorm",
-        layer_scale: float | None = None,
-        drop_path: float = 0.0,
-        attention: AttentionConfig = AttentionConfig(),
-        activation_checkpointing: bool = False,
-        causal: bool = True,
-    ):
+    def __init__(self, *, vocab_size: int, max_seq_len: int = 2048, pos_embed: str = "none",
+                 tie_embeddings: bool = True, causal: bool = True, **trunk):  # fmt: skip
         super().__init__()
-        if pos_embed not in ("none", "learned", "sincos"):
-            raise ConfigError(
-                f"model.pos_embed={pos_embed!r}: use none (RoPE / ALiBi in attention), learned or sincos."
-            )
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, dim = max_seq_len, trunk["dim"]
         self.token_embedding = nn.Embedding(vocab_size, dim)
-        if pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, max_seq_len, dim))
-        else:
-            table = sincos_1d(max_seq_len, dim)[None] if pos_embed == "sincos" else None
-            self.register_buffer("pos_embed", table, persistent=False)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, causal=causal, norm=norm,
-                             norm_type=norm_type, checkpointing=activation_checkpointing)
-            for rate in drop_path_rates(drop_path, depth)
-        )  # fmt: skip
-        self.norm = make_norm(norm_type, dim, "model.norm_type")
+        add_pos_embed(self, pos_embed, max_seq_len, dim, lambda: sincos_1d(max_seq_len, dim))
+        self.blocks = Trunk(**trunk, causal=causal)
+        self.norm = self.blocks.final_norm()
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.token_embedding.weight
         self.logits_probe = Probe("logits")
-        self.reset_parameters(depth)
+        self.reset_parameters()
 
-    def reset_parameters(self, depth: int):
+    def reset_parameters(self):
         self.apply(init_weights)
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
         for block in self.blocks:  # residual projections scaled by depth (GPT-2)
             for linear in (block.attn.proj, block.mlp.fc2):
-                nn.init.trunc_normal_(linear.weight, std=0.02 / math.sqrt(2 * depth), a=-0.04, b=0.04)
+                nn.init.trunc_normal_(linear.weight, std=0.02 / math.sqrt(2 * len(self.blocks)), a=-0.04, b=0.04)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the absolute position table covers; None: no table, any length."""
+        return None if self.pos_embed is None else self.max_seq_len
 
     @property
     def cacheable(self) -> bool:
@@ -80,25 +53,24 @@ class DecoderLM(nn.Module):
         weight = self.token_embedding.weight
         return [block.attn.new_cache(batch, max_len, weight.device, weight.dtype) for block in self.blocks]
 
-    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
-                lengths: torch.Tensor | None = None, documents: Documents | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None, lengths: torch.Tensor | None = None,
+                documents: Documents | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """`lengths` (B,): right-padded rows (prompts of different lengths); with a `cache`, each
         sequence continues at its own position. `documents`: packed documents attend only within
-        themselves (attention positions restart at each; absolute embeddings follow the block)."""
-        cp = ring.current()  # context parallel: tokens are this rank's zig-zag share of longer sequences
-        if cp is None:
-            offset = 0 if cache is None else cache[0].lengths[:, None].long()  # (B, 1)
-            positions = offset + torch.arange(tokens.shape[1], device=tokens.device)  # (B|1, T)
-            end = tokens.shape[1] if cache is None else cache[0].filled + tokens.shape[1]
-        else:
-            positions = cp.positions(tokens.shape[1], tokens.device)  # (T,) global positions
-            end = tokens.shape[1] * cp.size
+        themselves (attention positions restart at each; absolute embeddings follow the block).
+        `positions` (T,): the tokens' places in their sequences when they are not 0..T−1 after
+        the cache -- e.g. one process's share of each sequence under context parallelism."""
         x = self.token_embedding(tokens)  # (B, T, D)
         if self.pos_embed is not None:
-            if end > self.max_seq_len:
-                raise ValueError(f"{end} tokens exceed model.max_seq_len={self.max_seq_len} (absolute positions).")
-            x = x + self.pos_embed[0, positions]
+            x = x + self.pos_embed[0, self.absolute(tokens, cache) if positions is None else positions]
         padding = None if lengths is None else Padding.of(lengths, tokens.shape[1])
-        for i, block in enumerate(self.blocks):
-            x = block(x, padding, cache=None if cache is None else cache[i], documents=documents)  # (B, T, D)
+        x = self.blocks(x, padding, cache, documents, positions)  # (B, T, D)
         return self.logits_probe(self.head(self.norm(x)))  # (B, T, V)
+
+    def absolute(self, tokens: torch.Tensor, cache: list[KVCache] | None) -> torch.Tensor:
+        """(B|1, T): the tokens' positions, each sequence continuing after its cached tokens."""
+        end = tokens.shape[1] if cache is None else cache[0].filled + tokens.shape[1]
+        if end > self.max_seq_len:  # (a run refuses this at start-up: config.check_positions)
+            raise ValueError(f"{end} tokens exceed model.max_seq_len={self.max_seq_len} (absolute positions).")
+        offset = 0 if cache is None else cache[0].lengths[:, None].long()  # (B, 1)
+        return offset + torch.arange(tokens.shape[1], device=tokens.device)  # (B|1, T)

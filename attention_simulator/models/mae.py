@@ -13,12 +13,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..attention import AttentionConfig, sincos_2d
-from ..attention.norms import make_norm
 from ..checkpoint import is_sharded, latest_valid, load_checkpoint
 from ..config import build
-from ..diagnostics.probes import Probe
 from ..errors import CheckpointError, ConfigError
-from .block import TransformerBlock, drop_path_rates, init_weights
+from ..probes import Probe
+from .trunk import Trunk, add_pos_embed, init_weights, trunk_options
 from .vit import patch_grid, patchify
 
 EVAL_MASK_SEED = 0
@@ -29,61 +28,31 @@ def gather_patches(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def transformer_blocks(dim: int, depth: int, num_heads: int, attention: AttentionConfig, *, mlp_ratio: float,
-                       layer_scale: float | None, drop_path: float, norm: str, norm_type: str, checkpointing: bool,
-                       first: int = 0) -> nn.ModuleDict:  # fmt: skip
-    """Blocks named by their depth in the whole network, from `first`: the decoder's continue
-    the encoder's numbers, so each block's probes report under a key of their own (block_04 is
-    the decoder's first in a 4-block encoder)."""
-    return nn.ModuleDict({
-        str(first + i): TransformerBlock(dim, num_heads, attention, mlp_ratio, layer_scale, rate, norm=norm,
-                                         norm_type=norm_type, checkpointing=checkpointing)
-        for i, rate in enumerate(drop_path_rates(drop_path, depth))
-    })  # fmt: skip
-
-
+@trunk_options
 class MAEEncoder(nn.Module):
     """A ViT on the visible patches only: images (B, C, H, W), visible (B, K) patch indices ->
     normalised tokens (B, 1+K, D) with a class token (pool=cls), else (B, K, D). Positions come
     from a fixed 2-D sin-cos table indexed by patch, as in MAE: the visible patches are a subset,
     so a token's place in the sequence says nothing about where its patch is."""
 
-    def __init__(
-        self,
-        *,
-        img_size: int,
-        patch_size: int,
-        in_chans: int,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        pool: str = "cls",
-        layer_scale: float | None = None,
-        drop_path: float = 0.0,
-        norm: str = "pre",
-        norm_type: str = "layernorm",
-        attention: AttentionConfig = AttentionConfig(),
-        activation_checkpointing: bool = False,
-    ):
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, pool: str = "cls", **trunk):
         super().__init__()
         if pool not in ("cls", "avg"):
             raise ConfigError(f"model.pool={pool!r}: use 'cls' (class token) or 'avg' (global average pooling).")
-        if attention.position != "none":
+        position = trunk.get("attention", AttentionConfig()).position
+        if position != "none":
             raise ConfigError(
-                f"attention.position={attention.position!r}: a masked autoencoder's sequences hold a random subset of "
-                "the patches, so sequence positions are not patch positions; it places patches with its sin-cos "
-                "tables. Use attention.position=none."
+                f"attention.position={position!r}: a masked autoencoder's sequences hold a random subset of the "
+                "patches, so sequence positions are not patch positions; it places patches with its sin-cos tables. "
+                "Use attention.position=none."
             )
-        grid = patch_grid(img_size, patch_size)
+        grid, dim = patch_grid(img_size, patch_size), trunk["dim"]
         self.patch_size, self.num_patches = patch_size, grid * grid
         self.patch_embed = nn.Linear(in_chans * patch_size**2, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
-        self.register_buffer("pos_embed", sincos_2d(grid, dim)[None], persistent=False)  # (1, N, D)
-        self.blocks = transformer_blocks(dim, depth, num_heads, attention, mlp_ratio=mlp_ratio, layer_scale=layer_scale,
-                                         drop_path=drop_path, norm=norm, norm_type=norm_type,
-                                         checkpointing=activation_checkpointing)  # fmt: skip
-        self.norm = make_norm(norm_type, dim, "model.norm_type")
+        add_pos_embed(self, "sincos", grid * grid, dim, lambda: sincos_2d(grid, dim))  # (1, N, D)
+        self.blocks = Trunk(**trunk)
+        self.norm = self.blocks.final_norm()
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         patches = patchify(images, self.patch_size)  # (B, N, p*p*C)
@@ -93,9 +62,7 @@ class MAEEncoder(nn.Module):
         x = self.patch_embed(patches) + positions  # (B, K, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+K, D)
-        for block in self.blocks.values():
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.blocks(x))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The whole image's pooled representation (B, D): the class token's, or the patches' mean."""
@@ -108,17 +75,14 @@ class MAEDecoder(nn.Module):
     (B, N, out_dim): mask tokens fill the patches the encoder did not see, every token gets its
     patch's position (a sin-cos table of the decoder's width), a few narrow blocks mix them."""
 
-    def __init__(self, *, grid: int, encoder_dim: int, dim: int, depth: int, num_heads: int, out_dim: int,
-                 first_block: int, attention: AttentionConfig, mlp_ratio: float, layer_scale: float | None, norm: str,
-                 norm_type: str, activation_checkpointing: bool):  # fmt: skip
+    def __init__(self, *, grid: int, encoder_dim: int, out_dim: int, **trunk):
         super().__init__()
+        dim = trunk["dim"]
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_2d(grid, dim)[None], persistent=False)  # (1, N, Dd)
-        self.blocks = transformer_blocks(dim, depth, num_heads, attention, mlp_ratio=mlp_ratio, layer_scale=layer_scale,
-                                         drop_path=0.0, norm=norm, norm_type=norm_type,
-                                         checkpointing=activation_checkpointing, first=first_block)  # fmt: skip
-        self.norm = make_norm(norm_type, dim, "model.norm_type")
+        add_pos_embed(self, "sincos", grid * grid, dim, lambda: sincos_2d(grid, dim))  # (1, N, Dd)
+        self.blocks = Trunk(**trunk)
+        self.norm = self.blocks.final_norm()
         self.pred = nn.Linear(dim, out_dim)
 
     def forward(self, latent: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -128,9 +92,7 @@ class MAEDecoder(nn.Module):
         index = visible[..., None].expand(-1, -1, width)  # (B, K, Dd)
         tokens = self.mask_token.expand(b, n, -1).scatter(1, index, x[:, extra:])  # (B, N, Dd): each in its place
         x = torch.cat([x[:, :extra], tokens + self.pos_embed], dim=1)  # (B, [1+]N, Dd)
-        for block in self.blocks.values():
-            x = block(x)
-        return self.pred(self.norm(x[:, extra:]))  # (B, N, out_dim)
+        return self.pred(self.norm(self.blocks(x))[:, extra:])  # (B, N, out_dim)
 
 
 class Reconstruction(NamedTuple):
@@ -139,38 +101,17 @@ class Reconstruction(NamedTuple):
     masked: torch.Tensor  # (B, N) bool: True where the encoder did not see the patch
 
 
+@trunk_options
 class MaskedAutoencoder(nn.Module):
     """images (B, C, H, W) -> Reconstruction: round(mask_ratio · N) patches of each image are
     hidden from the encoder, and the decoder predicts every patch's pixels (the task scores the
-    hidden ones). The encoder takes the ViT's options; the decoder is narrower and shallower."""
+    hidden ones). The encoder takes the ViT's options; the decoder is narrower and shallower,
+    with the encoder's block options except stochastic depth."""
 
-    def __init__(
-        self,
-        *,
-        img_size: int,
-        patch_size: int,
-        in_chans: int,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        pool: str = "cls",
-        layer_scale: float | None = None,
-        drop_path: float = 0.0,
-        norm: str = "pre",
-        norm_type: str = "layernorm",
-        attention: AttentionConfig = AttentionConfig(),
-        activation_checkpointing: bool = False,
-        mask_ratio: float = 0.75,
-        decoder_dim: int = 32,
-        decoder_depth: int = 2,
-        decoder_heads: int = 4,
-    ):
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, pool: str = "cls", mask_ratio: float = 0.75,
+                 decoder_dim: int = 32, decoder_depth: int = 2, decoder_heads: int = 4, **trunk):  # fmt: skip
         super().__init__()
-        self.encoder = MAEEncoder(img_size=img_size, patch_size=patch_size, in_chans=in_chans, dim=dim, depth=depth,
-                                  num_heads=num_heads, mlp_ratio=mlp_ratio, pool=pool, layer_scale=layer_scale,
-                                  drop_path=drop_path, norm=norm, norm_type=norm_type, attention=attention,
-                                  activation_checkpointing=activation_checkpointing)  # fmt: skip
+        self.encoder = MAEEncoder(img_size=img_size, patch_size=patch_size, in_chans=in_chans, pool=pool, **trunk)
         n = self.encoder.num_patches
         masked = round(mask_ratio * n)
         if not 0 < masked < n:
@@ -179,11 +120,9 @@ class MaskedAutoencoder(nn.Module):
                 f"at least one visible: pick a ratio in ({0.5 / n:.3g}, {1 - 0.5 / n:.3g})."
             )
         self.num_visible = n - masked
-        self.decoder = MAEDecoder(grid=patch_grid(img_size, patch_size), encoder_dim=dim, dim=decoder_dim,
-                                  depth=decoder_depth, num_heads=decoder_heads, out_dim=in_chans * patch_size**2,
-                                  first_block=depth, attention=attention, mlp_ratio=mlp_ratio, layer_scale=layer_scale,
-                                  norm=norm, norm_type=norm_type,
-                                  activation_checkpointing=activation_checkpointing)  # fmt: skip
+        narrow = dict(dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads, drop_path=0.0)
+        self.decoder = MAEDecoder(grid=patch_grid(img_size, patch_size), encoder_dim=trunk["dim"],
+                                  out_dim=in_chans * patch_size**2, **(trunk | narrow))  # fmt: skip
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -220,41 +159,25 @@ PRETRAIN_FIRST = (
     "Pretrain first, e.g. python -m attention_simulator.train +experiment=mae_sigmoid, then pass its run directory "
     "(or a checkpoints/step_* in it): model.checkpoint=outputs/mae_sigmoid/RUN"
 )
-DROPOUT = {"attention.attn_drop", "attention.proj_drop"}  # off in a frozen (eval-mode) encoder: need not match
+# off in a frozen (eval-mode) encoder, or training-only: need not match
+NEED_NOT_MATCH = {"attention.attn_drop", "attention.proj_drop", "model.drop_path", "model.activation_checkpointing"}
 
 
+@trunk_options
 class MAELinearProbe(nn.Module):
     """images (B, C, H, W) -> logits (B, num_classes): a linear classifier on the pooled features
     of a pretrained MAE encoder (loaded from `checkpoint`, frozen, always in eval mode). As in MAE's
     protocol, a BatchNorm without affine parameters puts the features on one scale first."""
 
-    def __init__(
-        self,
-        *,
-        checkpoint: str | None,
-        num_classes: int,
-        img_size: int,
-        patch_size: int,
-        in_chans: int,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        pool: str = "cls",
-        layer_scale: float | None = None,
-        norm: str = "pre",
-        norm_type: str = "layernorm",
-        attention: AttentionConfig = AttentionConfig(),
-    ):
+    def __init__(self, *, checkpoint: str | None, num_classes: int, img_size: int, patch_size: int, in_chans: int,
+                 pool: str = "cls", **trunk):  # fmt: skip
         super().__init__()
-        options = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, dim=dim, depth=depth,
-                       num_heads=num_heads, mlp_ratio=mlp_ratio, pool=pool, layer_scale=layer_scale, norm=norm,
-                       norm_type=norm_type)  # fmt: skip
-        self.encoder = MAEEncoder(**options, attention=attention)
-        load_pretrained(self.encoder, checkpoint, options, attention)
+        options = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, pool=pool, **trunk)
+        self.encoder = MAEEncoder(**options)
+        load_pretrained(self.encoder, checkpoint, options)
         self.encoder.requires_grad_(False)
-        self.feature_norm = nn.BatchNorm1d(dim, affine=False)
-        self.head = nn.Linear(dim, num_classes)
+        self.feature_norm = nn.BatchNorm1d(trunk["dim"], affine=False)
+        self.head = nn.Linear(trunk["dim"], num_classes)
         init_weights(self.head, std=0.01)
         self.logits_probe = Probe("logits")
 
@@ -268,7 +191,7 @@ class MAELinearProbe(nn.Module):
         return self.logits_probe(self.head(self.feature_norm(features)))  # (B, num_classes)
 
 
-def load_pretrained(encoder: MAEEncoder, checkpoint: str | None, options: dict, attention: AttentionConfig):
+def load_pretrained(encoder: MAEEncoder, checkpoint: str | None, options: dict):
     """Load `encoder` from `checkpoint` (a checkpoint file or .dcp directory, or a run or
     checkpoints directory: its newest), built with the probe's model and attention `options`.
     Where the checkpoint sits in a run directory, they are first checked against the run's
@@ -286,7 +209,7 @@ def load_pretrained(encoder: MAEEncoder, checkpoint: str | None, options: dict, 
     weights = {k.removeprefix("encoder."): v for k, v in model.items() if k.startswith("encoder.")}
     if not weights:
         raise CheckpointError(f"model.checkpoint={checkpoint!r}: {str(path)!r} holds no MAE encoder. {PRETRAIN_FIRST}")
-    mismatch = _differences_from_pretraining(path, options, attention) or _differences_in_shape(weights, encoder)
+    mismatch = _differences_from_pretraining(path, options) or _differences_in_shape(weights, encoder)
     if not mismatch:
         encoder.load_state_dict(weights)
         return
@@ -297,7 +220,7 @@ def load_pretrained(encoder: MAEEncoder, checkpoint: str | None, options: dict, 
     )
 
 
-def _differences_from_pretraining(path: Path, options: dict, attention: AttentionConfig) -> str:
+def _differences_from_pretraining(path: Path, options: dict) -> str:
     """'model.num_heads=4 there, 2 here, …' for the options this probe and the pretraining run
     (its .hydra/config.yaml, when `path` is RUN/checkpoints/step_*) both set differently."""
     config_path = path.parent.parent / ".hydra" / "config.yaml"
@@ -306,11 +229,12 @@ def _differences_from_pretraining(path: Path, options: dict, attention: Attentio
     saved = OmegaConf.load(config_path)
     theirs = {f"model.{k}": v for k, v in OmegaConf.to_container(saved.model, resolve=True).items()}
     theirs |= {f"attention.{k}": v for k, v in dataclasses.asdict(build(saved.attention)).items()}
-    mine = {f"model.{k}": v for k, v in options.items()} | {
+    attention = options.get("attention", AttentionConfig())
+    mine = {f"model.{k}": v for k, v in options.items() if k != "attention"} | {
         f"attention.{k}": v for k, v in dataclasses.asdict(attention).items()
     }
     differ = [f"{k}={theirs[k]!r} there, {v!r} here" for k, v in mine.items()
-              if k in theirs and theirs[k] != v and k not in DROPOUT]  # fmt: skip
+              if k in theirs and theirs[k] != v and k not in NEED_NOT_MATCH]  # fmt: skip
     return ", ".join(differ)
 
 

@@ -27,6 +27,8 @@ class LanguageModelingTask(Task):
     def _nll(model: nn.Module, batch) -> torch.Tensor:
         documents = documents_of(batch)  # packed documents (data.document_masks): passed only when there are some
         extra = {} if documents is None else {"documents": documents}
+        if "positions" in batch:  # a share of each sequence (context parallelism)
+            extra["positions"] = batch["positions"]
         logits = model(batch["inputs"], **extra)  # (B, L, V)
         return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")  # (B·L,)
 
@@ -51,6 +53,6 @@ class LanguageModelingTask(Task):
 
     def samples(self, model: nn.Module, data) -> dict[str, str]:
         """A continuation of each sample prompt, decoded in one batch (logged at every evaluation)."""
-        prompts = list(self.sample_prompts)
-        texts = generate_text(model, data.tokenizer, prompts, self.sample_tokens, temperature=self.sample_temperature)
+        prompts, tokenizer = list(self.sample_prompts), data.prepare().tokenizer
+        texts = generate_text(model, tokenizer, prompts, self.sample_tokens, temperature=self.sample_temperature)
         return {f"samples/{i}": prompt + text for i, (prompt, text) in enumerate(zip(prompts, texts))}

@@ -1,5 +1,6 @@
 """Every config composes and builds; every experiment smoke-runs; bad configs fail clearly."""
 
+import inspect
 import math
 import re
 from pathlib import Path
@@ -9,8 +10,15 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from attention_simulator.config import CONFIG_DIR, build
+from attention_simulator.attention import AttentionConfig
+from attention_simulator.config import CONFIG_DIR, build, unused_sigmoid_options
 from attention_simulator.errors import ConfigError, DatasetUnavailableError
+from attention_simulator.models.asr import SpeechRecognizer
+from attention_simulator.models.block import TransformerBlock
+from attention_simulator.models.lm import DecoderLM
+from attention_simulator.models.mae import MAELinearProbe, MaskedAutoencoder
+from attention_simulator.models.trunk import Trunk
+from attention_simulator.models.vit import VisionTransformer
 from attention_simulator.train import build_model, build_optimizer
 
 from ..helpers import compose_config, train
@@ -67,7 +75,7 @@ def test_digits_data_builds():
 @pytest.mark.parametrize("data", ["cifar10", "imagenet"])
 def test_hub_datasets_offline_say_what_to_do(data, no_hub):
     with pytest.raises(DatasetUnavailableError) as info:
-        build(compose_config(f"data={data}").data)
+        build(compose_config(f"data={data}").data).prepare()
     message = str(info.value)
     assert repr(data) in message and "data.path" in message and "load_dataset" in message
 
@@ -117,6 +125,34 @@ def test_misspelt_command_line_key_is_a_hydra_error():
         compose_config("trainer.max_stepz=3")
 
 
+def test_every_attention_file_sets_every_option():
+    """The backends' files start from softmax.yaml: each composes to all of AttentionConfig's
+    fields, its own backend, and the sigmoid section's values exactly where a sigmoid backend reads them."""
+    fields = set(AttentionConfig.__dataclass_fields__)
+    for option in options("attention"):
+        attention = compose_config(f"attention={option}", "sigmoid.bias=-3").attention
+        assert set(attention) - {"_target_"} == fields and attention.backend == option
+        assert attention.sigmoid_bias == (-3 if "sigmoid" in option else None)
+
+
+def test_a_softmax_run_says_which_sigmoid_options_it_ignores():
+    assert unused_sigmoid_options(compose_config("+experiment=vit_softmax")) is None  # defaults: nothing to say
+    note = unused_sigmoid_options(compose_config("+experiment=vit_softmax", "sigmoid.bias=-4", "sigmoid.length_norm=n"))
+    assert note == "attention.backend=softmax is softmax attention: sigmoid.bias=-4, sigmoid.length_norm=n not used."
+    assert unused_sigmoid_options(compose_config("+experiment=vit_sigmoid", "sigmoid.bias=-4")) is None
+
+
+def test_models_declare_only_what_differs_from_the_trunk():
+    """Every model takes the trunk's options (declared once, on Trunk) besides its own, and its
+    signature says so: config validation and help read it."""
+    offered = {**inspect.signature(Trunk).parameters, **inspect.signature(TransformerBlock).parameters}
+    trunk = set(offered) - {"block", "causal"}
+    for model in (VisionTransformer, DecoderLM, SpeechRecognizer, MaskedAutoencoder, MAELinearProbe):
+        parameters = inspect.signature(model).parameters
+        assert trunk <= set(parameters) and not any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        assert not trunk & set(inspect.signature(model.__init__).parameters)  # not declared again
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -128,6 +164,7 @@ def test_misspelt_command_line_key_is_a_hydra_error():
             r"'softmax' cannot honour sigmoid_bias; backends that can: \['flash_sigmoid', 'sigmoid'\]",
         ),
         ("attention.backend=softmaks", r"'softmaks' is not a backend"),
+        ("+sigmoid.bais=-2", r"sigmoid\.bais is not an option of .*SigmoidOptions\. Did you mean 'bias'"),
         ("trainer.precision=fp8", r"trainer\.precision='fp8'"),
         ("data.path=/no/such/dir", r"'/no/such/dir' does not exist"),
         ("schedule.warmup_steps=5000", r"schedule: warmup_steps=5000 is longer than total_steps=1000"),

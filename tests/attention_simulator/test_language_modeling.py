@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -194,12 +195,24 @@ def test_generate_command(tmp_path):
 
 
 def test_text_dataset_errors_and_local_folders(tmp_path, no_hub):
+    data = TextData(name="wikitext103")  # nothing read yet: the file work is prepare()'s, after the start-up checks
     with pytest.raises(DatasetUnavailableError, match=r"'wikitext103'.*data.path.*load_dataset"):
-        TextData(name="wikitext103")
+        data.prepare()
+    with pytest.raises(DatasetUnavailableError, match=r"'someone/stories'.*load_dataset\('someone/stories', 'en'\)"):
+        TextData(name="someone/stories", hub_config="en").prepare()  # any Hub id, by config (data=hub_text)
     with pytest.raises(DatasetUnavailableError, match="no .txt files"):
-        TextData(name="mine", path=str(tmp_path))
+        TextData(name="mine", path=str(tmp_path)).prepare()
     for i in range(30):
         (tmp_path / f"doc{i:02d}.txt").write_text(f"Document {i}. " * 40)
     data = TextData(name="mine", path=str(tmp_path), seq_len=32, eval_seq_lens=[32, 64], batch_size=4)
     batch = next(iter(data.train_loader(seed=0)))
     assert batch["inputs"].shape == (4, 32) and set(data.eval_loaders()) == {"", "@64"}
+
+
+def test_the_text_column_is_chosen_by_config(tmp_path):
+    stories = {"story": [f"Story {i} goes on. " * 30 for i in range(40)], "id": list(range(40))}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(stories)}).save_to_disk(str(tmp_path))
+    data = TextData(name="tales", path=str(tmp_path), text_column="story", seq_len=32, eval_seq_lens=[32]).prepare()
+    assert sorted([*data.splits["train"]["text"], *data.splits["validation"]["text"]]) == sorted(stories["story"])
+    with pytest.raises(ConfigError, match=r"data.text_column='body'.*\['story', 'id'\]"):
+        TextData(name="tales", path=str(tmp_path), text_column="body").prepare()

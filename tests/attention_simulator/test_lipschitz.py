@@ -145,7 +145,9 @@ def test_estimate_captures_every_layer_on_the_first_sequences(monkeypatch):
         block.attn.register_forward_pre_hook(partial(keep, i))
     model(x[:3], LENGTHS)
     config = DiagnosticsConfig(lipschitz=True, lipschitz_iters=ITERS, lipschitz_sequences=3)
-    stats = lipschitz.estimate(model, lambda b: model(b["x"], b["lengths"]), batch, config, Parallel())
+    diagnostics = Diagnostics(config, model)  # the hook the trainer calls with an evaluation's first batch
+    diagnostics.evaluation_batch(model, lambda b: model(b["x"], b["lengths"]), batch, Parallel())
+    stats = diagnostics.pop()
     assert sorted(stats) == sorted(f"lipschitz/block_0{i}/{name}" for i in range(2) for name in
                                    ("spectral_max", "sq_norm_mean", "sq_norm_max", "ratio_to_mean_sq_max",
                                     "ratio_to_max_sq_max"))  # fmt: skip
@@ -154,12 +156,14 @@ def test_estimate_captures_every_layer_on_the_first_sequences(monkeypatch):
         assert stats[f"lipschitz/block_0{i}/spectral_max"].item() == pytest.approx(expected, rel=0.02)
     assert all(not block.attn._forward_pre_hooks_with_kwargs for block in model.blocks)  # the hooks are gone
 
-    assert lipschitz.estimate(model, None, batch, DiagnosticsConfig(lipschitz=False), Parallel()) == {}
+    off = Diagnostics(DiagnosticsConfig(lipschitz=False), model)
+    off.evaluation_batch(model, None, batch, Parallel())
+    assert off.pop() == {}
     notes = []
     monkeypatch.setattr(lipschitz.log, "info", notes.append)
     lipschitz._skipped.cache_clear()
     for _ in range(2):
-        assert lipschitz.estimate(model, None, batch, config, Parallel(mode="fsdp")) == {}
+        assert lipschitz.estimate(model, None, batch, ITERS, 3, Parallel(mode="fsdp")) == {}
     assert len(notes) == 1 and "skipped" in notes[0]  # one line per run
 
 

@@ -2,7 +2,7 @@
 
 One spawn of two gloo processes runs a whole table of cases: each process builds the same
 seeded module, runs it on the full sequence (the reference) and on its zig-zag share inside
-`ring.sharded`, and reports the largest differences of the output, the input's gradient, the
+`parallel.context_parallel`, and reports the largest differences of the output, the input's gradient, the
 parameters' gradients (summed over both processes) and the attention mass.
 """
 
@@ -20,6 +20,7 @@ from attention_simulator.attention import Attention, AttentionConfig, AttentionS
 from attention_simulator.attention.masks import Padding
 from attention_simulator.errors import ConfigError
 from attention_simulator.models.lm import DecoderLM
+from attention_simulator.parallel import context_parallel
 
 from ..helpers import spawn
 
@@ -107,8 +108,8 @@ def _randomise(module: nn.Module):
                 p.normal_(0.0, 0.5)
 
 
-def _compare(cp, model, full_input, loss_weight, sharded_input=None):
-    """Run `model` unsharded and sharded; errors of the output and of every gradient."""
+def _compare(cp, model, full_input, loss_weight, **sharded_kwargs):
+    """Run `model` unsharded and sharded (with `sharded_kwargs`); errors of the output and of every gradient."""
     params = [p for p in model.parameters() if p.requires_grad]
     inputs = [full_input] if full_input.is_floating_point() else []
     out = model(full_input)
@@ -116,8 +117,8 @@ def _compare(cp, model, full_input, loss_weight, sharded_input=None):
 
     local = cp.split(full_input.detach())
     local_inputs = [local.requires_grad_()] if local.is_floating_point() else []
-    with ring.sharded(cp):
-        local_out = model(local)
+    with context_parallel(model, cp):
+        local_out = model(local, **sharded_kwargs)
         local_grads = torch.autograd.grad((local_out * cp.split(loss_weight)).sum(), local_inputs + params)
     errors = {"out": _error(cp.gather(local_out.detach()), out)}
     if inputs:
@@ -148,7 +149,7 @@ def _lm_case(cp, seed: int, pos_embed: str, attention: dict) -> dict[str, float]
     model = DecoderLM(vocab_size=32, dim=DIM, depth=2, num_heads=HEADS, max_seq_len=LENGTH, pos_embed=pos_embed,
                       attention=AttentionConfig(**attention))  # fmt: skip
     tokens = torch.randint(0, 32, (BATCH, LENGTH))
-    return _compare(cp, model, tokens, torch.randn(BATCH, LENGTH, 32))
+    return _compare(cp, model, tokens, torch.randn(BATCH, LENGTH, 32), positions=cp.positions(LENGTH // WORLD))
 
 
 def _refuses_padding(cp) -> bool:
@@ -256,11 +257,11 @@ def test_layers_that_cannot_be_sharded_say_so():
     x = torch.randn(2, 8, DIM)
     cross = Attention(DIM, HEADS, kv_dim=DIM)
     causal = Attention(DIM, HEADS, AttentionConfig(backend="sigmoid", sigmoid_bias=-2.0), causal=True)
-    with ring.sharded(cp):
-        with pytest.raises(ValueError, match="cross-attention"):
-            cross(x, context=x)
+    with pytest.raises(ValueError, match="cross-attention"), context_parallel(cross, cp):
+        pass
+    with context_parallel(causal, cp):
         with pytest.raises(ValueError, match="KV cache"):
             causal(x, cache=causal.new_cache(2, 16))
         with pytest.raises(ValueError, match="padding"):
             causal(x, padding=Padding.of(torch.tensor([8, 5]), 8))
-    assert ring.current() is None
+    assert causal.sequence_parallel is None  # the context leaves the layer as it was

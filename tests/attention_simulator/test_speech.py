@@ -191,7 +191,7 @@ def test_greedy_decoding_and_error_rates_by_hand():
 
 def test_librispeech_layout_and_offline_error(tmp_path, no_hub):
     with pytest.raises(DatasetUnavailableError, match=r"'librispeech'.*data.path.*load_dataset"):
-        SpeechData(name="librispeech")
+        SpeechData(name="librispeech").prepare()  # the file work: after the start-up checks
     rng = np.random.default_rng(0)
     for split in ("train-clean-100", "dev-clean", "test-clean"):
         chapter = tmp_path / split / "19" / "198"
@@ -209,7 +209,7 @@ def test_librispeech_layout_and_offline_error(tmp_path, no_hub):
     assert batch["features"].shape[0] == 4 and batch["features"].shape[2] == 80
     assert batch["feature_lengths"].max() == batch["features"].shape[1]
     with pytest.raises(DatasetUnavailableError, match="does not exist"):
-        SpeechData(name="librispeech", path=str(tmp_path / "nowhere"))
+        SpeechData(name="librispeech", path=str(tmp_path / "nowhere")).prepare()
 
 
 @pytest.mark.slow

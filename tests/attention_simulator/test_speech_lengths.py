@@ -98,7 +98,7 @@ def test_eval_splits_select_the_loaders(tiny_cache):
 )
 def test_bad_eval_splits_name_the_key_and_the_choices(tiny_cache, eval_splits, message):
     with pytest.raises(ConfigError, match=message) as info:
-        SpeechData(synth=TINY, eval_splits=eval_splits)
+        SpeechData(synth=TINY, eval_splits=eval_splits).prepare()
     assert "data.eval_splits" in str(info.value)
 
 

@@ -81,7 +81,7 @@ def test_processes_stream_disjoint_documents():
 
 
 def test_validation_is_the_validation_streams_first_tokens():
-    data = TextData(streaming=True, seq_len=64, eval_max_tokens=1000, eval_seq_lens=[64, 128])
+    data = TextData(streaming=True, seq_len=64, eval_max_tokens=1000, eval_seq_lens=[64, 128]).prepare()
     expected = expected_stream(ByteTokenizer(), load_pydoc()["validation"]["text"], 1)[: 1000 + 128 + 1]
     assert data.streams["validation"].tolist() == expected
     assert set(data.eval_loaders()) == {"", "@128"}

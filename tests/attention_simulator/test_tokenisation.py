@@ -94,12 +94,12 @@ def test_the_bpe_is_trained_once_on_a_capped_sample(cache, monkeypatch):
 
     monkeypatch.setattr(BPETokenizer, "train", classmethod(counted))
     options = dict(tokenizer="bpe", vocab_size=400, tokenizer_train_docs=20, seq_len=64)
-    a = TextData(**options)
-    b = TextData(**options)  # a later run: loads it
+    a = TextData(**options).prepare()
+    b = TextData(**options).prepare()  # a later run: loads it
     assert trained == [20] and a.tokenizer.fingerprint == b.tokenizer.fingerprint
     assert np.array_equal(a.streams["train"], b.streams["train"])
-    TextData(**options | {"vocab_size": 500})
-    TextData(**options | {"tokenizer_train_docs": 30})
+    TextData(**options | {"vocab_size": 500}).prepare()
+    TextData(**options | {"tokenizer_train_docs": 30}).prepare()
     assert trained == [20, 20, 30]
 
 
@@ -163,7 +163,7 @@ def counted_train(cls, *a):
     return train(cls, *a)
 tokens.write_stream = counted_build
 tokenizers.BPETokenizer.train = classmethod(counted_train)
-data = TextData(tokenizer="bpe", vocab_size=400, seq_len=64)
+data = TextData(tokenizer="bpe", vocab_size=400, seq_len=64).prepare()
 calls["sum"] = int(data.streams["train"].sum()) + int(data.streams["validation"].sum())
 open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w").write(json.dumps(calls))
 """

@@ -49,6 +49,10 @@ CASES = {
         [*TRAIN, "+experiment=vit_softmax", "attention.sigmoid_bias=-2"],
         ["sigmoid_bias", "backends that can"],
     ),  # fmt: skip
+    "position table shorter than evaluation": (
+        [*LM, "attention.position=none", "model.pos_embed=learned", "model.max_seq_len=128"],
+        ["model.max_seq_len=128", "512 tokens", "data.eval_seq_lens", "model.pos_embed=none"],
+    ),
     "zero batch": ([*VIT, "data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
     "negative clipping": ([*VIT, "trainer.grad_clip=-1"], ["trainer.grad_clip=-1", "null"]),
     "unknown precision": ([*VIT, "trainer.precision=fp8"], ["trainer.precision='fp8'", "fp32"]),

@@ -1,4 +1,4 @@
-"""Probes: identity modules placed where activations are worth watching.
+"""Probes: identity modules placed where activations are worth watching (diagnostics/ records them).
 
 A probe does nothing unless a recorder (`Diagnostics`) is attached and recording; then it
 reduces its input -- and, through a tensor hook, the gradient flowing back through it -- to a
@@ -8,15 +8,22 @@ recording never waits for the device; the recorder moves everything to the host 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..attention.masks import Padding
+from flash_sigmoid.reference import attention_logits
+
+
+class Padding(Protocol):
+    """What a probe needs of a right-padded batch (`attention.masks.Padding` is one)."""
+
+    real: torch.Tensor  # (B, T) bool: True at real positions
 
 
 class Pairs(Protocol):
@@ -91,8 +98,36 @@ def attention_stats(
     return stats
 
 
+BLOCK = re.compile(r"^(.*?blocks\.\d+)(\.|$)")
+
+
+def numbered(model: nn.Module, of_type: type) -> Iterator[tuple[int | None, nn.Module]]:
+    """(block number, module) for each module of `of_type`: the number of the block (a
+    `blocks.N` child) it sits in, counted across the whole model in module order -- an MAE's
+    decoder blocks follow its encoder's -- or None outside every block (the logits' probe)."""
+    numbers: dict[str, int] = {}
+    for path, module in model.named_modules():
+        match = BLOCK.match(path)
+        if match:
+            numbers.setdefault(match.group(1), len(numbers))
+        if isinstance(module, of_type):
+            yield (numbers[match.group(1)] if match else None), module
+
+
+def probe_key(kind: str, block: int | None) -> str:
+    """'resid', 3 -> 'resid/block_03'; outside the blocks, the kind alone."""
+    return kind if block is None else f"{kind}/block_{block:02d}"
+
+
 class Probe(nn.Module):
-    """Identity on x (B, T, ...) that records `token_stats` of x and of its gradient."""
+    """Identity on x (B, T, ...) that records `token_stats` of x and of its gradient.
+
+    Place one where a tensor is worth watching (`self.resid_probe = Probe("resid")`, then
+    `x = self.resid_probe(x, padding)`); `kind` must be one of `diagnostics.KINDS` for
+    `diagnostics.probes` to switch it on. `Diagnostics` keys it by the block it sits in
+    (`resid/block_03/...`). A subclass changes what is recorded by overriding `stats`: a
+    function of (x, padding) returning 0-d tensors on the device (no host sync; names ending
+    `_max` / `_min` are reduced across processes by max / min, the rest by mean)."""
 
     stats = staticmethod(token_stats)
 
@@ -136,10 +171,9 @@ class AttentionProbe(Probe):
         ALiBi), whatever the backend. Its growth is the instability QK-norm prevents (Wortsman et
         al. 2023). q (B, Tq, H, D), k (B, Tk, Hk, D); `rows` queries at a time bound the memory."""
         allowed = pairs.attended(q, k)  # (B|1, 1, Tq, Tk)
-        k = k.float().repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # (B, Tk, H, D)
         highest = torch.tensor(float("-inf"), device=q.device)
         for lo in range(0, q.shape[1], rows):
-            scores = torch.einsum("bqhd,bkhd->bhqk", q[:, lo : lo + rows].float(), k) * pairs.scale
+            scores = attention_logits(q[:, lo : lo + rows], k, pairs.scale, dtype=torch.float32)  # (B, H, rows, Tk)
             chunk = allowed[..., lo : lo + rows, :]
             highest = torch.maximum(highest, scores.masked_fill(~chunk, float("-inf")).amax())
         self.recorder.record(self.key, {"logit_max": highest})
