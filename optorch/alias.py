@@ -108,9 +108,21 @@ def adamw(
     amsgrad: bool = False,
     maximize: bool = False,
     weight_decay_mask: Mask | None = None,
+    independent_weight_decay: bool = False,
 ) -> GradientTransformation:
-    """torch.optim.AdamW: decoupled weight decay, p ← p − lr·(adam + wd·p)."""
+    """torch.optim.AdamW: decoupled weight decay, p ← p − lr·(adam + wd·p).
+
+    `independent_weight_decay` (Wortsman et al. 2023, "independent decoupling"): the decay follows
+    the schedule but not the peak learning rate, p ← p − lr·adam − wd·(lr / peak)·p, so changing the
+    learning rate leaves the decay alone. The peak is `learning_rate` itself, or the `peak` of an
+    `optorch.schedules.scaled` schedule."""
     _adam_checks(learning_rate, b1, b2, eps, weight_decay)
+    if independent_weight_decay:
+        peak = getattr(learning_rate, "peak", None) if callable(learning_rate) else learning_rate
+        if not peak:
+            raise ValueError("independent_weight_decay divides the decay by the peak learning rate: give a number > 0, "
+                             "or a schedule made by optorch.schedules.scaled(peak, multiplier).")  # fmt: skip
+        weight_decay = weight_decay / peak
     return _compose(
         _negate(maximize),
         scale_by_adam(b1, b2, eps, amsgrad),

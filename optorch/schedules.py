@@ -116,10 +116,21 @@ def warmup_stable_decay(
     )
 
 
-def scaled(value: float, schedule: Schedule) -> Schedule:
+class Scaled:
+    """`peak · multiplier(step)`: a learning-rate schedule that knows its peak (what independent
+    weight decay divides by: `optorch.adamw(independent_weight_decay=True)`)."""
+
+    def __init__(self, peak: float, multiplier: Schedule):
+        self.peak, self.multiplier = peak, multiplier
+
+    def __call__(self, step: int) -> float:
+        return self.peak * self.multiplier(step)
+
+
+def scaled(value: float, schedule: Schedule) -> Scaled:
     """`value · schedule(step)`: a learning-rate schedule from a peak value and a multiplier."""
     _nonneg("value", value)
-    return lambda step: value * schedule(step)
+    return Scaled(value, schedule)
 
 
 def _check_phases(total_steps: int, warmup_steps: int):

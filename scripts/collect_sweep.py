@@ -10,6 +10,12 @@ logged value. Prints a markdown table (one row per run, sorted by the swept valu
 per value of the others, mean ± std over seeds when `trainer.seed` is swept; runs whose metric
 is not finite marked as diverged) to --out (default: MULTIRUN_DIR). `--curves KEY` also draws
 `sweep_curves.png`: KEY over steps for every run at the largest value of the first swept key.
+
+When `trainer.seed` is swept, each cell (the other swept values) also gets its statistics over
+seeds, printed and written to `sweep_summary.md` / `.csv`: the number of finite runs, the mean,
+the standard deviation, and a 95 % percentile-bootstrap interval of the mean (10 000 resamples
+of the seeds, a fixed generator). With few seeds the interval is as wide as they are apart: two
+seeds give their range.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -71,6 +78,43 @@ def _sort_value(value):
 def table(runs: pd.DataFrame, swept: list[str], metrics: list[str]) -> pd.DataFrame:
     out = runs[swept + ["step"] + metrics]
     return out.iloc[sorted(range(len(out)), key=lambda i: [_sort_value(out.iloc[i][k]) for k in swept])]
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % percentile-bootstrap interval of the mean of `values` (the runs of one cell)."""
+    means = np.random.default_rng(seed).choice(values, (resamples, len(values))).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summary(runs: pd.DataFrame, swept: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One row per cell (the swept values but the seed): for each metric the finite runs `n`, the
+    `mean`, `std` (n − 1 in the denominator) and the bootstrap interval `low` … `high`."""
+    cells = [k for k in swept if k != SEED]
+    groups = runs.groupby(cells, sort=False, dropna=False) if cells else [((), runs)]
+    rows = []
+    for values, group in groups:
+        row = dict(zip(cells, values if isinstance(values, tuple) else (values,)))
+        for metric in metrics:
+            x = group[metric].to_numpy(float)
+            x = x[np.isfinite(x)]
+            std = x.std(ddof=1) if len(x) > 1 else float("nan")
+            low, high = bootstrap_interval(x) if len(x) else (float("nan"), float("nan"))
+            row |= {f"{metric} n": len(x), f"{metric} mean": x.mean() if len(x) else float("nan"),
+                    f"{metric} std": std, f"{metric} low": low, f"{metric} high": high}  # fmt: skip
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.iloc[sorted(range(len(out)), key=lambda i: [_sort_value(out.iloc[i][k]) for k in cells])]
+
+
+def summary_markdown(cells: pd.DataFrame, metrics: list[str]) -> str:
+    """The summary as `mean ± std [low, high] (n)` per metric."""
+    keys = [c for c in cells.columns if not c.endswith((" n", " mean", " std", " low", " high"))]
+    rows = [[_scalar(row[k]) for k in keys] + [f"{row[f'{m} mean']:.4g} ± {row[f'{m} std']:.2g} "
+                                               f"[{row[f'{m} low']:.4g}, {row[f'{m} high']:.4g}] ({row[f'{m} n']})"
+                                               for m in metrics]
+            for _, row in cells.iterrows()]  # fmt: skip
+    return markdown_table(keys + [f"{m}: mean ± std [95 % interval] (runs)" for m in metrics], rows)
 
 
 def _numeric(values) -> bool:
@@ -173,6 +217,12 @@ def main(argv=None) -> pd.DataFrame:
     (out / "sweep.md").write_text(markdown)
     result.to_csv(out / "sweep.csv", index=False)
     plot(runs, swept, metric, out / "sweep.png")
+    if SEED in swept:
+        cells = summary(runs, swept, [m for m in metrics if m in runs])
+        text = summary_markdown(cells, [metric, "train/loss"] if metric != "train/loss" else [metric])
+        print("\nover seeds:\n" + text)
+        (out / "sweep_summary.md").write_text(text)
+        cells.to_csv(out / "sweep_summary.csv", index=False)
     if args.curves:
         plot_curves(args.multirun_dir, runs, swept, args.curves, out / "sweep_curves.png")
     print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'} ({metric})", file=sys.stderr)

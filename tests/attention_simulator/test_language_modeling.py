@@ -216,3 +216,24 @@ def test_the_text_column_is_chosen_by_config(tmp_path):
     assert sorted([*data.splits["train"]["text"], *data.splits["validation"]["text"]]) == sorted(stories["story"])
     with pytest.raises(ConfigError, match=r"data.text_column='body'.*\['story', 'id'\]"):
         TextData(name="tales", path=str(tmp_path), text_column="body").prepare()
+
+
+def test_z_loss_adds_the_squared_log_partition_function():
+    """loss = mean cross-entropy + z · mean (log Σ_v exp logit_v)², written out position by position."""
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
+    batch = {"inputs": torch.zeros(2, 3, dtype=torch.long), "targets": torch.tensor([[1, 4, 0], [2, 2, 3]]),
+             "target_bytes": torch.ones(2, 3, dtype=torch.long)}  # fmt: skip
+    cross_entropy, log_z_squared = [], []
+    for b in range(2):
+        for t in range(3):
+            log_z = math.log(sum(math.exp(x) for x in logits[b, t].tolist()))
+            cross_entropy.append(log_z - logits[b, t, batch["targets"][b, t]].item())
+            log_z_squared.append(log_z**2)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for z in (0.0, 1e-2):
+        loss, metrics = LanguageModelingTask(z_loss=z).training_step(lambda tokens: logits, batch)
+        assert loss.item() == pytest.approx(mean(cross_entropy) + z * mean(log_z_squared), rel=1e-6)
+        assert metrics["loss"].item() == pytest.approx(mean(cross_entropy), rel=1e-6)
+        assert ("z_loss" in metrics) == bool(z)
+    with pytest.raises(ConfigError, match="task.z_loss=-1"):
+        LanguageModelingTask(z_loss=-1)

@@ -4,12 +4,15 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -173,3 +176,26 @@ def test_collect_sweep_draws_learning_rate_sensitivity_and_curves(tmp_path):
             assert png.size[0] > 300
     with pytest.raises(ConfigError, match="train/nothing"):
         collect_sweep.main([str(tmp_path), "--metric", "eval/loss", "--curves", "train/nothing"])
+
+
+def test_collect_sweep_summarises_each_cell_over_seeds(tmp_path):
+    """Mean, standard deviation and a bootstrap interval of the mean over seeds, per cell, against
+    the statistics module and scipy's bootstrap; a diverged run is left out of its cell."""
+    finals = {"softmax": [2.0, 2.6, 2.3, float("nan")], "sigmoid": [2.1, 2.2, 2.9, 2.5]}
+    for attention, values in finals.items():
+        for seed, final in enumerate(values):
+            fake_run(tmp_path, {"attention": attention, "trainer.seed": seed}, [5.0, final], [1.0, 1.0])
+    collect_sweep.main([str(tmp_path), "--metric", "eval/loss"])
+    cells = pd.read_csv(tmp_path / "sweep_summary.csv").set_index("attention")
+    for attention, values in finals.items():
+        finite = [v for v in values if v == v]
+        row = cells.loc[attention]
+        assert row["eval/loss n"] == len(finite)
+        assert row["eval/loss mean"] == pytest.approx(statistics.mean(finite))
+        assert row["eval/loss std"] == pytest.approx(statistics.stdev(finite))
+        theirs = scipy.stats.bootstrap((finite,), np.mean, method="percentile", n_resamples=10_000,
+                                       random_state=1).confidence_interval  # fmt: skip
+        spread = max(finite) - min(finite)
+        assert abs(row["eval/loss low"] - theirs.low) < 0.05 * spread
+        assert abs(row["eval/loss high"] - theirs.high) < 0.05 * spread
+    assert "± " in (tmp_path / "sweep_summary.md").read_text()

@@ -93,3 +93,22 @@ def test_lars_trust_ratio_mask_leaves_masked_out_params_unscaled():
     for k in params:
         expected = -0.1 * grads[k] * (trust(before[k].norm(), grads[k].norm(), 0.01) if mask[k] else 1.0)
         torch.testing.assert_close(updates[k], expected, rtol=1e-12, atol=0)
+
+
+def test_independent_weight_decay_follows_the_schedule_not_the_peak():
+    """Wortsman et al. 2023: p ← p − lr_t·adam − wd·(lr_t / peak)·p, AdamW's moments as torch's."""
+    peak, wd, b1, b2, eps = 0.05, 0.1, 0.9, 0.95, 1e-8
+    multiplier = optorch.schedules.warmup_cosine(STEPS, 5)
+
+    def step(w, g, s, t):
+        s["m"] = b1 * s.get("m", 0) + (1 - b1) * g
+        s["v"] = b2 * s.get("v", 0) + (1 - b2) * g * g
+        adam = (s["m"] / (1 - b1**t)) / ((s["v"] / (1 - b2**t)).sqrt() + eps)
+        lr = peak * multiplier(t - 1)
+        return w - lr * adam - wd * (lr / peak) * w
+
+    lr = optorch.schedules.scaled(peak, multiplier)
+    ours, _ = run_optorch(optorch.adamw(lr, b1, b2, eps, wd, independent_weight_decay=True), STEPS)
+    assert_same(ours, reference_run(step))
+    with pytest.raises(ValueError, match="peak learning rate"):
+        optorch.adamw(lambda step: 0.1, weight_decay=wd, independent_weight_decay=True)
