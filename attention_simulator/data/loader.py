@@ -119,7 +119,9 @@ class KeyedDataset(Dataset):
     """Rows of `source` turned into a batch by `transform(rows, generators)`.
 
     `source[list_of_indices]` must return the rows (a 🤗 `datasets.Dataset` returns a dict of
-    columns); one generator per row is seeded by (seed, epoch, index).
+    columns), or a source with a `keyed` method gets the (epoch, index) keys themselves (rows
+    that depend on the epoch: `text.PackedBlocks` with shifted windows); one generator per row
+    is seeded by (seed, epoch, index).
     """
 
     def __init__(self, source, transform: Callable, seed: int):
@@ -129,7 +131,7 @@ class KeyedDataset(Dataset):
         return len(self.source)
 
     def __getitems__(self, keys: Sequence[Key]):
-        rows = self.source[[i for _, i in keys]]
+        rows = self.source.keyed(keys) if hasattr(self.source, "keyed") else self.source[[i for _, i in keys]]
         generators = [torch.Generator().manual_seed(seed_for(self.seed, e, i)) for e, i in keys]
         return self.transform(rows, generators)
 

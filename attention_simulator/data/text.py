@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..distributed import gather_objects
 from ..errors import ConfigError, DatasetUnavailableError
-from .loader import EpochBatchSampler, KeyedDataset, check_batch_sizes, eval_batches, make_loader
+from .loader import EpochBatchSampler, KeyedDataset, check_batch_sizes, eval_batches, make_loader, seed_for
 from .masking import BertMasking, MaskedBlocks, with_documents
 from .sources import load_from_hub, local_root
 from .streaming import PackedStream, Position, corpus_id, first_tokens
@@ -115,22 +115,37 @@ def sample_documents(split: datasets.Dataset, count: int, seed: int = 0):
         yield batch["text"]
 
 
-class PackedBlocks:
-    """Non-overlapping windows of a token stream: inputs stream[i·L : (i+1)·L], targets shifted by one."""
+SAMPLINGS = ("fixed", "shifted")
 
-    def __init__(self, stream: np.ndarray, length: int, token_bytes: torch.Tensor, max_blocks: int | None = None):
-        self.stream, self.length, self.token_bytes = stream, length, token_bytes
-        self.count = (len(stream) - 1) // length
+
+class PackedBlocks:
+    """Non-overlapping windows of a token stream: inputs stream[o + i·L : o + (i+1)·L], targets
+    shifted by one. o = 0 (`fixed`), or with `shift_seed` (`shifted`) a seeded offset in [0, L)
+    drawn anew for each epoch: every epoch cuts the text at other places, and a resumed run
+    draws the same offsets (they are functions of the seed and the epoch)."""
+
+    def __init__(self, stream: np.ndarray, length: int, token_bytes: torch.Tensor, max_blocks: int | None = None,
+                 shift_seed: int | None = None):  # fmt: skip
+        self.stream, self.length, self.token_bytes, self.shift_seed = stream, length, token_bytes, shift_seed
+        room = length - 1 if shift_seed is not None else 0  # the largest offset must still fit every block
+        self.count = (len(stream) - 1 - room) // length
         if max_blocks is not None:
             self.count = min(self.count, max_blocks)
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = np.stack([self.stream[i * self.length : (i + 1) * self.length + 1] for i in indices]).astype(np.int64)
-        rows = torch.from_numpy(rows)  # (B, L + 1)
-        targets = rows[:, 1:]
+    def offset(self, epoch: int) -> int:
+        if self.shift_seed is None:
+            return 0
+        generator = torch.Generator().manual_seed(seed_for(self.shift_seed, epoch))
+        return int(torch.randint(self.length, (), generator=generator))
+
+    def keyed(self, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """The blocks of (epoch, index) keys (what `KeyedDataset` hands a source with this method)."""
+        starts = [self.offset(epoch) + i * self.length for epoch, i in keys]
+        rows = torch.from_numpy(np.stack([self.stream[s : s + self.length + 1] for s in starts]).astype(np.int64))
+        targets = rows[:, 1:]  # rows: (B, L + 1)
         return {"inputs": rows[:, :-1], "targets": targets, "target_bytes": self.token_bytes[targets]}
 
 
@@ -174,11 +189,21 @@ class TextData:
         shuffle_buffer: int = 0,
         hub_config: str | None = None,
         text_column: str = "text",
+        sampling: str = "fixed",
     ):
         if seq_len < 1:
             raise ConfigError(f"data.seq_len={seq_len} must be >= 1.")
         if masking is not None and not 0 < masking < 1:
             raise ConfigError(f"data.masking={masking}: the fraction of tokens to predict, in (0, 1); null = off.")
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"data.sampling={sampling!r}: use fixed (the same windows every epoch) or shifted (a "
+                              "seeded offset per epoch).")  # fmt: skip
+        if sampling == "shifted" and (streaming or masking is not None):
+            raise ConfigError(
+                "data.sampling=shifted moves the next-token windows of a tokenised corpus; streaming and masked "
+                "modelling (data.masking) cut their own blocks: set data.sampling=fixed."
+            )
+        self.sampling = sampling
         if streaming and masking is not None:
             raise ConfigError("data.streaming=true gives next-token blocks; masked modelling (data.masking) reads a "
                               "tokenised corpus: set data.streaming=false.")  # fmt: skip
@@ -245,7 +270,8 @@ class TextData:
     def _dataset(self, split: str, length: int, seed: int, max_blocks: int | None = None) -> KeyedDataset:
         stream, eos = self.streams[split], self.tokenizer.eos_id
         if self.masking is None:
-            blocks = PackedBlocks(stream, length, self.tokenizer.token_bytes, max_blocks)
+            shift = seed if split == "train" and self.sampling == "shifted" else None  # evaluation: fixed blocks
+            blocks = PackedBlocks(stream, length, self.tokenizer.token_bytes, max_blocks, shift)
             return KeyedDataset(blocks, _Batches(eos if self.document_masks else None), seed)
         vocab = self.tokenizer.vocab_size
         masking = BertMasking(self.masking, vocab, eos, mask_id=vocab, documents=self.document_masks)

@@ -28,11 +28,37 @@ TEXT = "Sigmoid attention — σ(q·k) — needs b = −log n.\nNaïve café, �
 def test_packing_uses_every_token_once_and_shifts_targets():
     stream = np.arange(1000, dtype=np.uint16)
     blocks = PackedBlocks(stream, 64, torch.ones(1000, dtype=torch.int64))
-    batch = blocks[list(range(len(blocks)))]
+    batch = blocks.keyed([(epoch, i) for epoch in (0, 7) for i in range(len(blocks))][len(blocks) :])  # any epoch
     assert len(blocks) == 999 // 64
     assert torch.equal(batch["inputs"].flatten(), torch.arange(len(blocks) * 64))  # each token once, in order
     assert torch.equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
     assert torch.equal(batch["targets"][:, -1], batch["inputs"][:, -1] + 1)  # the next block's first token
+
+
+def test_shifted_windows_move_every_epoch_and_resume_exactly():
+    """data.sampling=shifted: epoch e's blocks are stream[o_e + i·L ...] for one offset o_e in
+    [0, L) per epoch, seeded; a loader started at batch k gives the uninterrupted one's k-th on."""
+    stream = np.arange(1000, dtype=np.uint16)
+    blocks = PackedBlocks(stream, 64, torch.ones(1000, dtype=torch.int64), shift_seed=3)
+    assert len(blocks) == (1000 - 64) // 64  # the largest offset still fits every block
+    offsets = []
+    for epoch in range(6):
+        batch = blocks.keyed([(epoch, i) for i in range(len(blocks))])
+        offset = int(batch["inputs"][0, 0])
+        assert 0 <= offset < 64 and torch.equal(batch["inputs"].flatten(), torch.arange(len(blocks) * 64) + offset)
+        assert torch.equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+        offsets.append(offset)
+    assert len(set(offsets)) > 1  # six epochs, six draws
+    data = TextData(seq_len=64, batch_size=8, sampling="shifted").prepare()
+    per_epoch = (len(data.streams["train"]) - 64) // 64 // 8
+    uninterrupted = iter(data.train_loader(seed=0))
+    first = [next(uninterrupted) for _ in range(per_epoch + 3)]
+    resumed = data.train_loader(seed=0, start=per_epoch - 1)  # across the epoch boundary
+    for expected, got in zip(first[per_epoch - 1 :], resumed):
+        assert torch.equal(expected["inputs"], got["inputs"])
+    assert not torch.equal(first[0]["inputs"], next(iter(data.train_loader(seed=1)))["inputs"])
+    with pytest.raises(ConfigError, match="data.sampling=fixed"):
+        TextData(sampling="shifted", masking=0.15)
 
 
 def test_pydoc_split_is_by_document_and_disjoint():
