@@ -143,7 +143,8 @@ class PackedBlocks:
 
     def keyed(self, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """The blocks of (epoch, index) keys (what `KeyedDataset` hands a source with this method)."""
-        starts = [self.offset(epoch) + i * self.length for epoch, i in keys]
+        offsets = {epoch: self.offset(epoch) for epoch, _ in keys}  # a batch spans at most an epoch or two
+        starts = [offsets[epoch] + i * self.length for epoch, i in keys]
         rows = torch.from_numpy(np.stack([self.stream[s : s + self.length + 1] for s in starts]).astype(np.int64))
         targets = rows[:, 1:]  # rows: (B, L + 1)
         return {"inputs": rows[:, :-1], "targets": targets, "target_bytes": self.token_bytes[targets]}
