@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -67,6 +68,11 @@ class TrainerConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         elif self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"trainer.device={self.device} but this machine has no CUDA device; use auto or cpu.")
+
+
+def _sum(value):
+    """A metric's total or count: a number, or a tensor of one per example."""
+    return value.sum() if torch.is_tensor(value) else value
 
 
 def _to(batch, device):
@@ -236,6 +242,8 @@ class Trainer:
         """Every evaluation loader (e.g. one per context length) -> eval/<metric><suffix>."""
         self.model.eval()
         sums: dict[str, list] = {}  # eval/<metric><suffix> -> [total, count] over this process's batches
+        examples: dict[str, list] = {}  # eval/<metric> -> per-example (totals, counts) of the main split
+        final = self.step == self.cfg.max_steps
         loaders = self.data.eval_loaders(self.parallel.dp_rank, self.parallel.dp_size)
         for suffix, loader in loaders.items():
             batch = None
@@ -243,8 +251,10 @@ class Trainer:
                 # activation statistics of the main evaluation's first batch, recorded while evaluating
                 with self.diagnostics.recording(i == 0 and not suffix, eval=True):
                     for k, (total, count) in self.eval_step(batch).items():
+                        if final and not suffix and torch.is_tensor(total) and total.ndim == 1:
+                            examples.setdefault(f"eval/{k}", []).append((total, count))
                         acc = sums.setdefault(f"eval/{k}{suffix}", [0.0, 0])
-                        acc[0], acc[1] = acc[0] + total, acc[1] + count
+                        acc[0], acc[1] = acc[0] + _sum(total), acc[1] + _sum(count)
                 if i == 0 and not suffix:
                     self.diagnostics.evaluation_batch(self.model, self.eval_step, batch, self.parallel)
             if self.parallel.sharded:  # every forward gathers parameters from all processes: as many here
@@ -254,12 +264,31 @@ class Trainer:
         pairs = [torch.as_tensor(v, device=self.device, dtype=torch.float64) for pair in sums.values() for v in pair]
         pairs = sum_across(torch.stack(pairs)).view(-1, 2)
         results = dict(zip(sums, (pairs[:, 0] / pairs[:, 1]).tolist())) | self._to_host(self.diagnostics.pop())
+        if examples:
+            self.save_examples(examples)
         results |= self.task.derived(results)
         samples = self.samples()
         self.tracker.log(self.step, results | samples)
         self.model.train()
         self.tracker.flush()
         return results
+
+    def save_examples(self, examples: dict[str, list]):
+        """The final evaluation's per-example totals and counts of the main split (a task's
+        eval_step returns (B,) tensors for those; `collect_sweep.py` bootstraps over them) to
+        RUN_DIR/eval_examples.parquet: columns `eval/<metric>` and `eval/<metric> count`."""
+        columns = {}
+        for k, pairs in examples.items():
+            columns[k] = torch.cat([total.double() for total, _ in pairs])
+            columns[f"{k} count"] = torch.cat([count.double() for _, count in pairs])
+        table = torch.stack(list(columns.values()), 1)  # (examples, columns)
+        if self.parallel.cp is not None:  # each process of a cp group holds a share of every sequence
+            torch.distributed.all_reduce(table, group=self.parallel.cp.group)
+        keep = self.parallel.cp is None or self.parallel.cp.rank == 0
+        parts = gather_objects(table.cpu() if keep else None)
+        if self.world.is_main:
+            frame = pd.DataFrame(torch.cat([p for p in parts if p is not None]).numpy(), columns=list(columns))
+            frame.to_parquet(self.run_dir / "eval_examples.parquet")
 
     def eval_step(self, batch) -> dict:
         with self.autocast(), self.parallel.context(self.model):

@@ -1,26 +1,32 @@
-"""Tabulate a sweep: every run's overrides against its final metrics.
+"""Tabulate a sweep: every run's overrides against its final metrics, with intervals.
 
     python scripts/collect_sweep.py multirun/vit_sigmoid/2026-11-23_10-00-00 [--metric eval/accuracy] [--out DIR]
-        [--curves train/grad_norm]
+        [--baseline sigmoid.bias=auto] [--sensitivity] [--curves 'attn/block_*/logit_max' train/loss [--curves-at 0.1]]
 
 Reads each run directory under MULTIRUN_DIR (any depth: a `.hydra/overrides.yaml` beside a
 `metrics.parquet`), keeps the overrides that differ between runs, and takes each metric's last
 logged value. Prints a markdown table (one row per run, sorted by the swept values) and writes
 `sweep.csv`, `sweep.md` and `sweep.png` (the main metric against the first swept key, one line
 per value of the others, mean ± std over seeds when `trainer.seed` is swept; runs whose metric
-is not finite marked as diverged) to --out (default: MULTIRUN_DIR). `--curves KEY` also draws
-`sweep_curves.png`: KEY over steps for every run at the largest value of the first swept key.
+is not finite marked as diverged) to --out (default: MULTIRUN_DIR).
 
-When `trainer.seed` is swept, each cell (the other swept values) also gets its statistics over
-seeds, printed and written to `sweep_summary.md` / `.csv`: the number of finite runs, the mean,
-the standard deviation, and a 95 % percentile-bootstrap interval of the mean (10 000 resamples
-of the seeds, a fixed generator). With few seeds the interval is as wide as they are apart: two
-seeds give their range.
+Each cell (the swept values but the seed) gets its statistics, printed and written to
+`sweep_summary.md` / `.csv`: the finite runs, the mean, the standard deviation over seeds, and a
+95 % bootstrap interval of the mean (`sweep_stats.py`: over the seeds, and over each run's
+evaluation examples where the runs kept them, so a single run has one too). `--baseline K=V`
+adds each cell's difference from the cell with K=V (the other keys equal) with its interval:
+an interval that covers 0 is a difference this sweep cannot detect.
+
+`--sensitivity` writes `sweep_sensitivity.md` / `.csv`: Wortsman et al. 2023's learning-rate
+sensitivity of each variant over the first swept key. `--curves KEY ...` draws
+`sweep_curves.png`: each KEY (a glob over the logged metrics) over steps, one panel each, for
+every run at one value of the first swept key (--curves-at; default its largest).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import sys
 from pathlib import Path
@@ -33,6 +39,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from compare_runs import markdown_table
 from omegaconf import OmegaConf
+from sweep_stats import cell_replicates, interval, learning_rate_sensitivity, loss_landmarks
 
 from attention_simulator.cli import exit_on_user_error
 from attention_simulator.errors import ConfigError
@@ -50,7 +57,7 @@ def read_runs(root: Path) -> pd.DataFrame:
         overrides = dict(o.split("=", 1) for o in OmegaConf.load(overrides_file))
         frame = pd.read_parquet(metrics)
         last = {k: frame[k].dropna().iloc[-1] for k in frame if k != "step" and frame[k].notna().any()}
-        numeric = {k: v for k, v in last.items() if not isinstance(v, str)}
+        numeric = {k: v for k, v in last.items() if not isinstance(v, str)} | loss_landmarks(frame)
         rows.append({"run": str(metrics.parent.relative_to(root)), **overrides, "step": frame["step"].max(), **numeric})
     if not rows:
         raise ConfigError(f"no run directories (.hydra/overrides.yaml + metrics.parquet) under {root}")
@@ -80,41 +87,69 @@ def table(runs: pd.DataFrame, swept: list[str], metrics: list[str]) -> pd.DataFr
     return out.iloc[sorted(range(len(out)), key=lambda i: [_sort_value(out.iloc[i][k]) for k in swept])]
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """A 95 % percentile-bootstrap interval of the mean of `values` (the runs of one cell)."""
-    means = np.random.default_rng(seed).choice(values, (resamples, len(values))).mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def summary(runs: pd.DataFrame, swept: list[str], metrics: list[str]) -> pd.DataFrame:
-    """One row per cell (the swept values but the seed): for each metric the finite runs `n`, the
-    `mean`, `std` (n − 1 in the denominator) and the bootstrap interval `low` … `high`."""
+def cells_of(runs: pd.DataFrame, swept: list[str]):
+    """(the cell's swept values but the seed, its runs) for each cell."""
     cells = [k for k in swept if k != SEED]
-    groups = runs.groupby(cells, sort=False, dropna=False) if cells else [((), runs)]
-    rows = []
-    for values, group in groups:
-        row = dict(zip(cells, values if isinstance(values, tuple) else (values,)))
+    for values, group in runs.groupby(cells, sort=False, dropna=False) if cells else [((), runs)]:
+        yield dict(zip(cells, values if isinstance(values, tuple) else (values,))), group
+
+
+def summary(runs: pd.DataFrame, swept: list[str], metrics: list[str], root: Path,
+            baseline: tuple[str, str] | None = None) -> pd.DataFrame:  # fmt: skip
+    """One row per cell: for each metric the finite runs `n`, the `mean`, `std` over seeds (n − 1
+    in the denominator) and the bootstrap interval `low` … `high`; with a baseline (key, value)
+    also `delta`, the difference from the mean of the baseline's cell (the same other keys), and
+    its interval `delta low` … `delta high` (the two cells resampled independently)."""
+    rng = np.random.default_rng(0)
+    keys = [k for k in swept if k != SEED]
+    rows, replicates = [], {}
+    for cell, group in cells_of(runs, swept):
+        row = dict(cell)
         for metric in metrics:
             x = group[metric].to_numpy(float)
             x = x[np.isfinite(x)]
-            std = x.std(ddof=1) if len(x) > 1 else float("nan")
-            low, high = bootstrap_interval(x) if len(x) else (float("nan"), float("nan"))
-            row |= {f"{metric} n": len(x), f"{metric} mean": x.mean() if len(x) else float("nan"),
-                    f"{metric} std": std, f"{metric} low": low, f"{metric} high": high}  # fmt: skip
+            reps = replicates[_cell_id(cell, keys), metric] = cell_replicates(group, metric, root, rng)
+            low, high = interval(reps) if reps is not None else (np.nan, np.nan)
+            row |= {f"{metric} n": len(x), f"{metric} mean": x.mean() if len(x) else np.nan,
+                    f"{metric} std": x.std(ddof=1) if len(x) > 1 else np.nan, f"{metric} low": low,
+                    f"{metric} high": high}  # fmt: skip
         rows.append(row)
+    if baseline:
+        key, value = baseline
+        means = {_cell_id(row, keys): row for row in rows}
+        for row in rows:
+            base = _cell_id(row | {key: value}, keys)
+            for metric in metrics:
+                mine, theirs = replicates[_cell_id(row, keys), metric], replicates.get((base, metric))
+                if mine is not None and theirs is not None:
+                    low, high = interval(mine - theirs)
+                    row |= {f"{metric} delta": row[f"{metric} mean"] - means[base][f"{metric} mean"],
+                            f"{metric} delta low": low, f"{metric} delta high": high}  # fmt: skip
     out = pd.DataFrame(rows)
-    return out.iloc[sorted(range(len(out)), key=lambda i: [_sort_value(out.iloc[i][k]) for k in cells])]
+    return out.iloc[sorted(range(len(out)), key=lambda i: [_sort_value(out.iloc[i][k]) for k in keys])]
 
 
-def summary_markdown(cells: pd.DataFrame, metrics: list[str]) -> str:
-    """The summary as `mean ± std [low, high] (n)` per metric."""
-    keys = [c for c in cells.columns if not c.endswith((" n", " mean", " std", " low", " high"))]
-    rows = [[_scalar(row[k]) for k in keys] + [f"{row[f'{m} mean']:.4g} ± {row[f'{m} std']:.2g} "
-                                               f"[{row[f'{m} low']:.4g}, {row[f'{m} high']:.4g}] ({row[f'{m} n']})"
-                                               for m in metrics]
+def _cell_id(cell: dict, keys: list[str]) -> tuple[str, ...]:
+    return tuple(str(cell[k]) for k in keys)
+
+
+def summary_markdown(cells: pd.DataFrame, keys: list[str], metrics: list[str]) -> str:
+    """The summary as `mean ± std [low, high] (runs)` per metric (no ± for a single run), and
+    `delta [low, high]` from the baseline where there is one."""
+
+    def stats(row, m):
+        spread = f" ± {row[f'{m} std']:.2g}" if row[f"{m} n"] > 1 else ""
+        return f"{row[f'{m} mean']:.4g}{spread} [{row[f'{m} low']:.4g}, {row[f'{m} high']:.4g}] ({row[f'{m} n']})"
+
+    def delta(row, m):
+        value = row.get(f"{m} delta", np.nan)
+        return "" if pd.isna(value) else f"{value:+.3g} [{row[f'{m} delta low']:+.3g}, {row[f'{m} delta high']:+.3g}]"
+
+    deltas = [m for m in metrics if f"{m} delta" in cells]
+    header = [*keys, *(f"{m}: mean ± std [95 % interval] (runs)" for m in metrics), *(f"{m}: Δ [95 %]" for m in deltas)]
+    rows = [[_scalar(row[k]) for k in keys] + [stats(row, m) for m in metrics] + [delta(row, m) for m in deltas]
             for _, row in cells.iterrows()]  # fmt: skip
-    return markdown_table(keys + [f"{m}: mean ± std [95 % interval] (runs)" for m in metrics], rows)
+    return markdown_table(header, rows)
 
 
 def _numeric(values) -> bool:
@@ -159,31 +194,47 @@ def plot(runs: pd.DataFrame, swept: list[str], metric: str, path: Path):
     plt.close(fig)
 
 
-def plot_curves(root: Path, runs: pd.DataFrame, swept: list[str], key: str, path: Path):
-    """`key` over training steps for the runs at the largest value of the first swept key: one
+def plot_curves(root: Path, runs: pd.DataFrame, swept: list[str], patterns: list[str], at: str | None, path: Path):
+    """Each metric matching `patterns` (globs: 'attn/block_*/logit_max') over training steps, one
+    panel each, for the runs at one value `at` of the first swept key (default: its largest): one
     colour per other setting, one line per seed (absolute values, log scale)."""
     x_key = next((k for k in swept if k != SEED), swept[0])
-    top = max(runs[x_key], key=_sort_value)
+    values = {_sort_value(v): v for v in runs[x_key]}
+    chosen = values.get(_sort_value(at)) if at is not None else values[max(values)]
+    if chosen is None:
+        raise ConfigError(f"--curves-at {at}: {x_key} took the values {sorted(map(str, values.values()))}.")
     others = [k for k in swept if k not in (x_key, SEED)]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    frames = {run["run"]: pd.read_parquet(root / run["run"] / "metrics.parquet") for _, run in runs.iterrows()
+              if str(run[x_key]) == str(chosen)}  # fmt: skip
+    logged = sorted(set().union(*(frame.columns for frame in frames.values())))
+    keys = []
+    for pattern in patterns:
+        matched = [k for k in logged if fnmatch.fnmatchcase(k, pattern)]
+        if not matched:
+            raise ConfigError(f"no run logged {pattern!r}: pick --curves from the metrics.parquet columns.")
+        keys += [k for k in matched if k not in keys]
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4.6 * cols, 3.4 * -(-len(keys) // cols)),
+                             squeeze=False, constrained_layout=True)  # fmt: skip
     colours = {}
-    for _, run in runs[runs[x_key] == top].iterrows():
-        frame = pd.read_parquet(root / run["run"] / "metrics.parquet")
-        if key not in frame:
-            raise ConfigError(f"run {run['run']} logged no {key!r}: pick --curves from its metrics.parquet columns.")
-        frame = frame[["step", key]].dropna()
+    for _, run in runs[runs["run"].isin(frames)].iterrows():
         name = ", ".join(f"{k}={run[k]}" for k in others) or run["run"]
-        first = name not in colours
         colour = colours.setdefault(name, f"C{len(colours)}")
-        ax.plot(frame["step"], frame[key].abs(), color=colour, lw=1, label=name if first else None)
-    ax.legend(fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(f"{x_key}={top}", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        for i, (ax, key) in enumerate(zip(axes.flat, keys)):
+            if key in frames[run["run"]]:
+                points = frames[run["run"]][["step", key]].dropna()
+                first = i == 0 and name not in {line.get_label() for line in ax.lines}
+                ax.plot(points["step"], points[key].abs(), color=colour, lw=1, label=name if first else None)
+    for ax, key in zip(axes.flat, keys):
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{x_key}={chosen}", fontsize=10)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -193,8 +244,15 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--metric", help="the main metric (default: the first eval/ metric of eval/accuracy, "
                                          "eval/bits_per_byte, eval/wer, eval/loss that the runs have)")  # fmt: skip
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--curves", help="also plot this metric over steps for the runs at the largest value of the "
-                                         "first swept key (e.g. train/grad_norm), to sweep_curves.png")  # fmt: skip
+    parser.add_argument("--baseline", metavar="KEY=VALUE",
+                        help="also each cell's difference from the cell with KEY=VALUE, with its interval")  # fmt: skip
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="Wortsman et al. 2023's learning-rate sensitivity of each variant over the first swept "
+                             "key, to sweep_sensitivity.md / .csv")  # fmt: skip
+    parser.add_argument("--curves", nargs="+", metavar="KEY",
+                        help="also plot these metrics (globs) over steps for the runs at one value of the first "
+                             "swept key, to sweep_curves.png")  # fmt: skip
+    parser.add_argument("--curves-at", metavar="VALUE", help="that value (default: the largest)")
     args = parser.parse_args(argv)
     runs = read_runs(args.multirun_dir)
     metrics = [c for c in runs.columns if "/" in c and not c.startswith(("param/", "grad/", "update", "opt/"))]
@@ -207,6 +265,7 @@ def main(argv=None) -> pd.DataFrame:
     if not swept:  # one run, or runs that differ in nothing: a row per run directory
         print("no override differs between the runs: one row per run", file=sys.stderr)
         swept = ["run"]
+    baseline = _baseline(args.baseline, runs, swept)
     result = table(runs, swept, [m for m in metrics if m in runs])
     out = args.out or args.multirun_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -217,16 +276,33 @@ def main(argv=None) -> pd.DataFrame:
     (out / "sweep.md").write_text(markdown)
     result.to_csv(out / "sweep.csv", index=False)
     plot(runs, swept, metric, out / "sweep.png")
-    if SEED in swept:
-        cells = summary(runs, swept, [m for m in metrics if m in runs])
-        text = summary_markdown(cells, [metric, "train/loss"] if metric != "train/loss" else [metric])
-        print("\nover seeds:\n" + text)
-        (out / "sweep_summary.md").write_text(text)
-        cells.to_csv(out / "sweep_summary.csv", index=False)
+    shown = [metric, "train/loss"] if metric != "train/loss" else [metric]
+    cells = summary(runs, swept, shown, args.multirun_dir, baseline)
+    text = summary_markdown(cells, [k for k in swept if k != SEED], shown)
+    print("\nper cell (95 % bootstrap intervals):\n" + text)
+    (out / "sweep_summary.md").write_text(text)
+    cells.to_csv(out / "sweep_summary.csv", index=False)
+    if args.sensitivity:
+        x_key = next((k for k in swept if k != SEED), swept[0])
+        sensitivity = learning_rate_sensitivity(runs, x_key, [k for k in swept if k not in (x_key, SEED)], SEED, metric)
+        text = markdown_table(list(sensitivity.columns), [[_scalar(v) for v in row] for row in sensitivity.values])
+        print(f"\nlearning-rate sensitivity ({metric}):\n" + text)
+        (out / "sweep_sensitivity.md").write_text(text)
+        sensitivity.to_csv(out / "sweep_sensitivity.csv", index=False)
     if args.curves:
-        plot_curves(args.multirun_dir, runs, swept, args.curves, out / "sweep_curves.png")
+        plot_curves(args.multirun_dir, runs, swept, args.curves, args.curves_at, out / "sweep_curves.png")
     print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'} ({metric})", file=sys.stderr)
     return result
+
+
+def _baseline(option: str | None, runs: pd.DataFrame, swept: list[str]) -> tuple[str, str] | None:
+    if option is None:
+        return None
+    key, _, value = option.partition("=")
+    if key not in swept or key == SEED or value not in set(runs[key].astype(str)):
+        choices = {k: sorted(set(runs[k].astype(str))) for k in swept if k != SEED}
+        raise ConfigError(f"--baseline {option}: give KEY=VALUE of a swept key and a value it took: {choices}")
+    return key, value
 
 
 if __name__ == "__main__":

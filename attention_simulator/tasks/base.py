@@ -28,8 +28,10 @@ class Task:
 
     A task implements `training_step(model, batch) -> (loss, {name: 0-d tensor})` and
     `eval_step(model, batch) -> {name: (total, count)}` (sums and counts, so the trainer's means
-    are exact over batches and processes), and sets `main_metric` and `data_kind`; the methods
-    below are optional. It never moves values to the host: the trainer does, once per logging step."""
+    are exact over batches and processes; (B,) tensors of one total and count per example where
+    a metric averages over examples, which the final evaluation keeps for bootstrap intervals),
+    and sets `main_metric` and `data_kind`; the methods below are optional. It never moves
+    values to the host: the trainer does, once per logging step."""
 
     main_metric: str  # the eval metric a run reports (and sweeps compare)
     data_kind: str  # the data it trains on: images | text | speech (the data's `kind`)

@@ -10,8 +10,9 @@ from .base import Task
 
 
 class ClassificationTask(Task):
-    """`training_step` returns (loss, metrics); `eval_step` returns metric sums and counts so
-    the trainer can average exactly over any number of batches (and ranks)."""
+    """`training_step` returns (loss, metrics); `eval_step` returns each image's metric and a
+    count of one, so the trainer averages exactly over any number of batches (and ranks) and
+    keeps the last evaluation's per-image values."""
 
     main_metric = "accuracy"
     data_kind = "images"
@@ -29,7 +30,8 @@ class ClassificationTask(Task):
     def eval_step(self, model: nn.Module, batch) -> dict[str, tuple[torch.Tensor, int]]:
         logits = model(batch["images"]).float()
         labels = batch["labels"]
+        ones = torch.ones_like(labels, dtype=torch.float32)  # one per image: (B,) sums and counts
         return {
-            "loss": (F.cross_entropy(logits, labels, reduction="sum"), len(labels)),
-            "accuracy": ((logits.argmax(-1) == labels).sum(), len(labels)),
+            "loss": (F.cross_entropy(logits, labels, reduction="none"), ones),
+            "accuracy": ((logits.argmax(-1) == labels).float(), ones),
         }

@@ -54,10 +54,10 @@ class LanguageModelingTask(Task):
 
     @torch.no_grad()
     def eval_step(self, model: nn.Module, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor | int]]:
-        nll = self._nll(model, batch)
+        nll = self._nll(model, batch).view(batch["targets"].shape)  # (B, L): per sequence, below
         return {
-            "loss": (nll.sum(), nll.numel()),
-            "bits_per_byte": (nll.sum() / math.log(2), batch["target_bytes"].sum()),
+            "loss": (nll.sum(1), torch.full_like(nll[:, 0], nll.shape[1])),
+            "bits_per_byte": (nll.sum(1) / math.log(2), batch["target_bytes"].sum(1).to(nll)),
         }
 
     @staticmethod

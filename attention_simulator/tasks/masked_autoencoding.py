@@ -47,4 +47,4 @@ class MaskedAutoencodingTask(Task):
     @torch.no_grad()
     def eval_step(self, model: nn.Module, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         errors, masked = patch_errors(model, batch)
-        return {"loss": ((errors * masked).sum(), masked.sum())}
+        return {"loss": ((errors * masked).sum(1), masked.sum(1).float())}  # per image (B,)

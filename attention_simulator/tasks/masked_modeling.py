@@ -36,7 +36,9 @@ class MaskedModelingTask(Task):
     @torch.no_grad()
     def eval_step(self, model: nn.Module, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         nll, predicted, correct = self._nll(model, batch)
-        return {"loss": (nll.sum(), predicted.sum()), "accuracy": (correct.sum(), predicted.sum())}
+        rows = batch["targets"].shape  # per sequence (B,): its predicted positions' sums and count
+        nll, predicted, correct = nll.view(rows), predicted.view(rows).float(), correct.view(rows).float()
+        return {"loss": (nll.sum(1), predicted.sum(1)), "accuracy": (correct.sum(1), predicted.sum(1))}
 
     @staticmethod
     def derived(metrics: dict[str, float]) -> dict[str, float]:

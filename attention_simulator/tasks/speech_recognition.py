@@ -23,16 +23,21 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
     return texts
 
 
-def edit_counts(references: list[str], hypotheses: list[str]) -> dict[str, tuple[int, int]]:
-    """{"wer": (word edits, reference words), "cer": (character edits, reference characters)}:
-    summed over batches (and ranks) they give the corpus-level rates."""
-    words = jiwer.process_words(references, hypotheses)
-    chars = jiwer.process_characters(references, hypotheses)
+def edit_counts(references: list[str], hypotheses: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"wer": (word edits, reference words), "cer": (character edits, reference characters)},
+    one of each per utterance (B,): summed over utterances, batches and ranks they give the
+    corpus-level rates."""
 
-    def errors(o):
-        return o.substitutions + o.deletions + o.insertions, o.substitutions + o.deletions + o.hits
+    def per_utterance(output):
+        edits, lengths = [], []
+        for chunks in output.alignments:
+            edits.append(sum(max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx)
+                             for c in chunks if c.type != "equal"))  # fmt: skip
+            lengths.append(sum(c.ref_end_idx - c.ref_start_idx for c in chunks))
+        return torch.tensor(edits, dtype=torch.float64), torch.tensor(lengths, dtype=torch.float64)
 
-    return {"wer": errors(words), "cer": errors(chars)}
+    return {"wer": per_utterance(jiwer.process_words(references, hypotheses)),
+            "cer": per_utterance(jiwer.process_characters(references, hypotheses))}  # fmt: skip
 
 
 def impossible_alignments(frames: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
@@ -74,10 +79,11 @@ class SpeechRecognitionTask(Task):
     def eval_step(self, model: nn.Module, batch) -> dict[str, tuple]:
         losses, impossible, log_probs, lengths = self._ctc(model, batch)
         hypotheses = greedy_decode(log_probs, lengths)
-        count = len(hypotheses)
-        return {"loss": (losses.sum(), count - int(impossible.sum())), "ctc_inf": (impossible.sum(), count)} | (
-            edit_counts(batch["transcripts"], hypotheses)
-        )
+        possible = (~impossible).double()
+        return {"loss": (losses.double(), possible), "ctc_inf": (impossible.double(), torch.ones_like(possible))} | (
+            {k: (edits.to(possible), lengths.to(possible))
+             for k, (edits, lengths) in edit_counts(batch["transcripts"], hypotheses).items()}
+        )  # fmt: skip
 
     @torch.no_grad()
     def samples(self, model: nn.Module, data) -> dict[str, str]:

@@ -100,6 +100,7 @@ def test_bits_per_byte_by_hand():
     batch = {"inputs": torch.zeros(1, 2), "targets": torch.tensor([[0, 1]]), "target_bytes": torch.tensor([[3, 1]])}
     task = LanguageModelingTask()
     sums = task.eval_step(FixedLogits(logits), batch)
+    assert sums["bits_per_byte"][0].shape == (1,)  # one per sequence
     assert float(sums["bits_per_byte"][0] / sums["bits_per_byte"][1]) == pytest.approx(3 / 4)
     assert float(sums["loss"][0] / sums["loss"][1]) == pytest.approx((math.log(2) + math.log(4)) / 2)
     _, metrics = task.training_step(FixedLogits(logits), batch)

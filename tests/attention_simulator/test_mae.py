@@ -109,7 +109,9 @@ def test_loss_is_the_per_patch_normalised_error_over_hidden_patches_only():
     expected = reference_loss(pred, patches, masked)
     assert loss_of(pred) == pytest.approx(expected, rel=1e-6)
     total, count = task.eval_step(lambda images: Reconstruction(pred, patches, masked), {"images": None})["loss"]
-    assert count == masked.sum() and total.item() / count.item() == pytest.approx(expected, rel=1e-6)
+    assert count.tolist() == masked.sum(1).tolist() and total.shape == (3,)  # per image
+    assert total.sum().item() / count.sum().item() == pytest.approx(expected, rel=1e-6)
+    assert total[1].item() / count[1].item() == pytest.approx(reference_loss(pred[1:2], patches[1:2], masked[1:2]))
     b, n = map(int, torch.nonzero(~masked)[0])
     changed = pred.clone()
     changed[b, n] += 100.0  # a visible patch: not scored

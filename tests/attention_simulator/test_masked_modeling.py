@@ -142,18 +142,21 @@ def test_loss_is_the_mean_over_predicted_tokens():
     with torch.no_grad():
         documents = Documents.of(batch["doc_index"], batch["doc_lengths"])
         logits = model(batch["inputs"], lengths=lengths, documents=documents).double()
-    terms, hits = [], 0
+    terms, hits, per_row = [], 0, [[] for _ in range(3)]
     for r in range(3):
         for t in range(12):
             target = int(batch["targets"][r, t])
             if target != IGNORE:
                 row = logits[r, t]
                 terms.append(math.log(sum(math.exp(v) for v in row.tolist())) - row[target].item())
+                per_row[r].append(terms[-1])
                 hits += int(row.argmax()) == target
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
     assert metrics["accuracy"].item() == pytest.approx(hits / len(terms))
     sums = MaskedModelingTask().eval_step(model, batch)
-    assert sums["loss"][1] == len(terms) and sums["loss"][0].item() == pytest.approx(sum(terms), rel=1e-5)
+    assert sums["loss"][1].tolist() == [len(row) for row in per_row]  # per sequence
+    assert sums["loss"][0].tolist() == pytest.approx([sum(row) for row in per_row], rel=1e-5)
+    assert sums["accuracy"][0].sum().item() == hits
 
 
 @pytest.mark.parametrize("backend", ["softmax", "flash_sigmoid"])

@@ -184,9 +184,12 @@ def test_greedy_decoding_and_error_rates_by_hand():
     log_probs[0, torch.arange(len(path)), torch.tensor(path)] = 0.0
     assert greedy_decode(log_probs, torch.tensor([len(path)])) == ["ab cc"]
     assert greedy_decode(log_probs, torch.tensor([3])) == ["a"]
-    counts = edit_counts(["the cat sat", "a dog"], ["the bat", "a dog"])
-    assert counts["wer"] == (2, 5)  # cat -> bat, sat deleted; 5 reference words
-    assert counts["cer"] == (5, 16)  # c -> b, " sat" deleted; 11 + 5 reference characters
+    counts = edit_counts(["the cat sat", "a dog", "ox"], ["the bat", "a dog", "a fox"])
+    per_utterance = {k: tuple(t.tolist() for t in pair) for k, pair in counts.items()}
+    # cat -> bat, sat deleted; a perfect one; "a" inserted, ox -> fox
+    assert per_utterance["wer"] == ([2, 0, 2], [3, 2, 1])
+    # c -> b, " sat" deleted; none; "a f" inserted before "ox"
+    assert per_utterance["cer"] == ([5, 0, 3], [11, 5, 2])
 
 
 def test_librispeech_layout_and_offline_error(tmp_path, no_hub):

@@ -38,6 +38,20 @@ def test_resume_continues_bitwise(tmp_path):
     pd.testing.assert_series_equal(rows_a["train/loss"], rows_b["train/loss"])
     pd.testing.assert_series_equal(rows_a["eval/accuracy"], rows_b["eval/accuracy"])
     assert list(rows_a["step"]) == list(rows_b["step"])  # the resumed run's rows are not duplicated
+    examples = [pd.read_parquet(run / "eval_examples.parquet") for run in (straight, split)]
+    pd.testing.assert_frame_equal(*examples)
+
+
+def test_final_evaluation_keeps_each_test_image(trained):
+    """eval_examples.parquet: the final evaluation's loss and accuracy of each of the 360 test
+    images (a count of one each); their means are the logged eval metrics."""
+    run = trained(*RANDOM, "trainer.max_steps=2").dir
+    examples = pd.read_parquet(run / "eval_examples.parquet")
+    logged = pd.read_parquet(run / "metrics.parquet").set_index("step").loc[2]
+    assert len(examples) == 360 and set(examples["eval/accuracy"]) <= {0.0, 1.0}
+    assert (examples[["eval/loss count", "eval/accuracy count"]] == 1).all().all()
+    for metric in ("eval/loss", "eval/accuracy"):
+        assert examples[metric].mean() == pytest.approx(logged[metric], rel=1e-6)
 
 
 def test_checkpoint_digests_are_in_sha256sum_format(trained):

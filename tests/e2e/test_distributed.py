@@ -43,8 +43,8 @@ def test_ddp_matches_one_process_writes_once_and_resumes_in_one(tmp_path):
 
     # only rank 0 wrote: one run directory, one W&B run, one set of checkpoints and configs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
-    assert sorted(p.name for p in two.iterdir()) == [".hydra", "checkpoints", "metrics.parquet", "report", "train.log",
-                                                     "wandb"]  # fmt: skip
+    assert sorted(p.name for p in two.iterdir()) == [".hydra", "checkpoints", "eval_examples.parquet",
+                                                     "metrics.parquet", "report", "train.log", "wandb"]  # fmt: skip
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_0000006.pt", "step_0000006.pt.sha256"]
     assert result.stdout.count("run dir:") == 1

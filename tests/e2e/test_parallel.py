@@ -62,8 +62,12 @@ def test_fsdp_and_ddp_with_accumulation_match_one_process(one_process, tmp_path)
     one = table(one_process, STATE)
     assert any(c.startswith("opt/exp_avg_sq/") for c in one) and any(c.startswith("update/") for c in one)
     assert len(one.dropna(subset=["train/loss"])) == 10
+    examples = pd.read_parquet(one_process / "eval_examples.parquet")  # one row per validation sequence
     for mode in ("fsdp", "ddp"):
         assert_same_training(tmp_path / mode, one_process, STATE)
+        theirs = pd.read_parquet(tmp_path / mode / "eval_examples.parquet")  # gathered from both processes
+        assert len(theirs) == len(examples)
+        pd.testing.assert_series_equal(theirs.sum(), examples.sum(), rtol=1e-5)
 
 
 def test_sharded_checkpoint_resumes_at_one_and_two_processes(one_process, tmp_path):
@@ -99,3 +103,6 @@ def test_long_context_preset_with_context_parallel_matches_one_process(tmp_path)
     assert any(c.startswith("attn/") and c.endswith("mass_mean") for c in table(tmp_path / "one", prefixes))
     # the largest attention logit is not recorded under context parallelism (docs/diagnostics.md)
     assert_same_training(tmp_path / "cp", tmp_path / "one", prefixes, skip=("logit_max",))
+    # per-sequence sums of the final evaluation: each cp group adds up its halves of every sequence
+    examples = [pd.read_parquet(tmp_path / run / "eval_examples.parquet") for run in ("cp", "one")]
+    pd.testing.assert_frame_equal(*examples, rtol=1e-5)
