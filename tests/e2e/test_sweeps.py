@@ -67,9 +67,9 @@ def test_multirun_then_collect_sweep(tmp_path, launcher):
 
 @pytest.mark.parametrize("preset, swept", [
     ("softmax_vs_sigmoid", {"attention": "softmax,sigmoid", "trainer.seed": "0,1,2"}),
-    ("sigmoid_bias", {"sigmoid.bias": "-2,-4,-6,-8,auto", "trainer.seed": "0,1"}),
+    ("sigmoid_bias", {"sigmoid.bias": "-2,-4,-6,-8,auto", "model.patch_size": "2,1", "trainer.seed": "0,1"}),
     ("layerscale", {"model.layer_scale": "null,1e-1,1e-2,1e-4", "trainer.seed": "0,1"}),
-    ("stability", {"optimizer.learning_rate": "1e-3,3e-3,1e-2,3e-2,1e-1", "attention": "softmax,sigmoid",
+    ("stability", {"optimizer.learning_rate": "1e-3,3e-3,1e-2,3e-2,1e-1,3e-1", "attention": "softmax,sigmoid",
                    "attention.qk_norm": "null,layernorm", "trainer.seed": "0,1"}),
 ])  # fmt: skip
 def test_sweep_presets_are_multiruns(preset, swept):
