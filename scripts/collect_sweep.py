@@ -1,7 +1,8 @@
 """Tabulate a sweep: every run's overrides against its final metrics, with intervals.
 
     python scripts/collect_sweep.py multirun/vit_sigmoid/2026-11-23_10-00-00 [--metric eval/accuracy] [--out DIR]
-        [--baseline sigmoid.bias=auto] [--sensitivity] [--curves 'attn/block_*/logit_max' train/loss [--curves-at 0.1]]
+        [--baseline sigmoid.bias=auto] [--sensitivity] [--curves 'attn/block_*/logit_max' train/loss
+        [--curves-at optimizer.learning_rate=0.1]]
 
 Reads each run directory under MULTIRUN_DIR (any depth: a `.hydra/overrides.yaml` beside a
 `metrics.parquet`), keeps the overrides that differ between runs, and takes each metric's last
@@ -18,9 +19,9 @@ adds each cell's difference from the cell with K=V (the other keys equal) with i
 an interval that covers 0 is a difference this sweep cannot detect.
 
 `--sensitivity` writes `sweep_sensitivity.md` / `.csv`: Wortsman et al. 2023's learning-rate
-sensitivity of each variant over the first swept key. `--curves KEY ...` draws
+sensitivity of each variant over `optimizer.learning_rate`. `--curves KEY ...` draws
 `sweep_curves.png`: each KEY (a glob over the logged metrics) over steps, one panel each, for
-every run at one value of the first swept key (--curves-at; default its largest).
+the runs at --curves-at KEY=VALUE (default: the largest value of the first swept key).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from attention_simulator.cli import exit_on_user_error
 from attention_simulator.errors import ConfigError
 
 SEED = "trainer.seed"
+LR = "optimizer.learning_rate"
 
 
 def read_runs(root: Path) -> pd.DataFrame:
@@ -196,11 +198,13 @@ def plot(runs: pd.DataFrame, swept: list[str], metric: str, path: Path):
 
 def plot_curves(root: Path, runs: pd.DataFrame, swept: list[str], patterns: list[str], at: str | None, path: Path):
     """Each metric matching `patterns` (globs: 'attn/block_*/logit_max') over training steps, one
-    panel each, for the runs at one value `at` of the first swept key (default: its largest): one
-    colour per other setting, one line per seed (absolute values, log scale)."""
-    x_key = next((k for k in swept if k != SEED), swept[0])
+    panel each, for the runs at `at` (KEY=VALUE; default: the largest value of the first swept
+    key): one colour per other setting, one line per seed (absolute values, log scale)."""
+    x_key, _, wanted = at.partition("=") if at else (next((k for k in swept if k != SEED), swept[0]), "", None)
+    if x_key not in runs:
+        raise ConfigError(f"--curves-at {at}: no run set {x_key!r}; give KEY=VALUE of an override, e.g. {swept[0]}=...")
     values = {_sort_value(v): v for v in runs[x_key]}
-    chosen = values.get(_sort_value(at)) if at is not None else values[max(values)]
+    chosen = values.get(_sort_value(wanted)) if wanted is not None else values[max(values)]
     if chosen is None:
         raise ConfigError(f"--curves-at {at}: {x_key} took the values {sorted(map(str, values.values()))}.")
     others = [k for k in swept if k not in (x_key, SEED)]
@@ -252,7 +256,11 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--curves", nargs="+", metavar="KEY",
                         help="also plot these metrics (globs) over steps for the runs at one value of the first "
                              "swept key, to sweep_curves.png")  # fmt: skip
-    parser.add_argument("--curves-at", metavar="VALUE", help="that value (default: the largest)")
+    parser.add_argument(
+        "--curves-at",
+        metavar="KEY=VALUE",
+        help="the runs to draw (default: those at the largest value of the first swept key)",
+    )
     args = parser.parse_args(argv)
     runs = read_runs(args.multirun_dir)
     metrics = [c for c in runs.columns if "/" in c and not c.startswith(("param/", "grad/", "update", "opt/"))]
@@ -283,8 +291,9 @@ def main(argv=None) -> pd.DataFrame:
     (out / "sweep_summary.md").write_text(text)
     cells.to_csv(out / "sweep_summary.csv", index=False)
     if args.sensitivity:
-        x_key = next((k for k in swept if k != SEED), swept[0])
-        sensitivity = learning_rate_sensitivity(runs, x_key, [k for k in swept if k not in (x_key, SEED)], SEED, metric)
+        if LR not in runs:
+            raise ConfigError(f"--sensitivity: no run set {LR}; sweep it (e.g. {LR}=1e-3,1e-2,1e-1).")
+        sensitivity = learning_rate_sensitivity(runs, LR, [k for k in swept if k not in (LR, SEED)], SEED, metric)
         text = markdown_table(list(sensitivity.columns), [[_scalar(v) for v in row] for row in sensitivity.values])
         print(f"\nlearning-rate sensitivity ({metric}):\n" + text)
         (out / "sweep_sensitivity.md").write_text(text)

@@ -71,10 +71,11 @@ def cell_replicates(group: pd.DataFrame, metric: str, root: Path, rng: np.random
 def learning_rate_sensitivity(runs: pd.DataFrame, x_key: str, variants: list[str], seed_key: str,
                               metric: str) -> pd.DataFrame:  # fmt: skip
     """Wortsman et al. 2023's learning-rate sensitivity of each variant (the swept values but the
-    learning rate `x_key` and the seed): the mean over the grid of min(loss(η), loss at init) −
-    the best loss over the grid, where a run whose final loss is not finite counts as the loss at
-    init. Computed per seed (seeds that ran the whole grid), then mean ± std and a bootstrap
-    interval over seeds. The loss at init is each run's first logged `train/loss_init`.
+    learning rate `x_key` and the seed; a learning rate that was not swept is a grid of one): the
+    mean over the grid of min(loss(η), loss at init) − the best loss over the grid, where a run
+    whose final loss is not finite counts as the loss at init. Computed per seed (seeds that
+    ran the whole grid), then mean ± std and a bootstrap interval over seeds. The loss at init
+    is each run's first logged `train/loss_init`.
 
     Also per variant: the best learning rate (lowest loss, mean over seeds), runs that `diverged`
     (final loss not finite, or no lower than at init) and runs with a `spike` (after the first

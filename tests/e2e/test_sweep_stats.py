@@ -103,10 +103,13 @@ def test_curves_draw_a_panel_per_matching_metric(tmp_path):
         for attention in ("softmax", "sigmoid"):
             curves = {f"attn/block_0{i}/logit_max": [1.0, 10.0, 100.0] for i in range(2)} | {"logits/rms": 1.0}
             fake_run(tmp_path, {"optimizer.learning_rate": lr, "attention": attention}, [5.0, 4.0, 3.0], **curves)
-    collect_sweep.main([str(tmp_path), "--curves", "attn/block_*/logit_max", "logits/rms", "--curves-at", "1e-2"])
+    collect_sweep.main([str(tmp_path), "--curves", "attn/block_*/logit_max", "logits/rms",
+                        "--curves-at", "optimizer.learning_rate=1e-2"])  # fmt: skip
     with Image.open(tmp_path / "sweep_curves.png") as png:
         assert png.size[0] > 3 * 400  # three panels side by side
     with pytest.raises(ConfigError, match="'attn/\\*/nothing'"):
         collect_sweep.main([str(tmp_path), "--curves", "attn/*/nothing"])
-    with pytest.raises(ConfigError, match="--curves-at 3e-1.*'0.01', '0.1'|--curves-at 3e-1.*1e-1"):
-        collect_sweep.main([str(tmp_path), "--curves", "logits/rms", "--curves-at", "3e-1"])
+    with pytest.raises(ConfigError, match="learning_rate=3e-1.*took the values.*'1e-1', '1e-2'"):
+        collect_sweep.main([str(tmp_path), "--curves", "logits/rms", "--curves-at", "optimizer.learning_rate=3e-1"])
+    with pytest.raises(ConfigError, match="no run set 'lr'"):
+        collect_sweep.main([str(tmp_path), "--curves", "logits/rms", "--curves-at", "lr=3e-1"])
