@@ -242,7 +242,7 @@ class Trainer:
         """Every evaluation loader (e.g. one per context length) -> eval/<metric><suffix>."""
         self.model.eval()
         sums: dict[str, list] = {}  # eval/<metric><suffix> -> [total, count] over this process's batches
-        examples: dict[str, list] = {}  # eval/<metric> -> per-example (totals, counts) of the main split
+        examples: dict[str, dict] = {}  # suffix -> eval/<metric> -> per-example (totals, counts)
         final = self.step == self.cfg.max_steps
         loaders = self.data.eval_loaders(self.parallel.dp_rank, self.parallel.dp_size)
         for suffix, loader in loaders.items():
@@ -251,8 +251,8 @@ class Trainer:
                 # activation statistics of the main evaluation's first batch, recorded while evaluating
                 with self.diagnostics.recording(i == 0 and not suffix, eval=True):
                     for k, (total, count) in self.eval_step(batch).items():
-                        if final and not suffix and torch.is_tensor(total) and total.ndim == 1:
-                            examples.setdefault(f"eval/{k}", []).append((total, count))
+                        if final and torch.is_tensor(total) and total.ndim == 1:
+                            examples.setdefault(suffix, {}).setdefault(f"eval/{k}", []).append((total, count))
                         acc = sums.setdefault(f"eval/{k}{suffix}", [0.0, 0])
                         acc[0], acc[1] = acc[0] + _sum(total), acc[1] + _sum(count)
                 if i == 0 and not suffix:
@@ -273,22 +273,26 @@ class Trainer:
         self.tracker.flush()
         return results
 
-    def save_examples(self, examples: dict[str, list]):
-        """The final evaluation's per-example totals and counts of the main split (a task's
-        eval_step returns (B,) tensors for those; `collect_sweep.py` bootstraps over them) to
-        RUN_DIR/eval_examples.parquet: columns `eval/<metric>` and `eval/<metric> count`."""
-        columns = {}
-        for k, pairs in examples.items():
-            columns[k] = torch.cat([total.double() for total, _ in pairs])
-            columns[f"{k} count"] = torch.cat([count.double() for _, count in pairs])
-        table = torch.stack(list(columns.values()), 1)  # (examples, columns)
-        if self.parallel.cp is not None:  # each process of a cp group holds a share of every sequence
-            torch.distributed.all_reduce(table, group=self.parallel.cp.group)
-        keep = self.parallel.cp is None or self.parallel.cp.rank == 0
-        parts = gather_objects(table.cpu() if keep else None)
+    def save_examples(self, examples: dict[str, dict]):
+        """The final evaluation's per-example totals and counts (a task's eval_step returns (B,)
+        tensors for those; `collect_sweep.py` bootstraps over them) to RUN_DIR/eval_examples.parquet:
+        columns `split` (the metric's suffix: "" for the main split, "@long_4x", "@256", ...),
+        `eval/<metric>` and `eval/<metric> count`, one row per example of each split."""
+        frames = []
+        for suffix, metrics in examples.items():
+            columns = {}
+            for k, pairs in metrics.items():
+                columns[k] = torch.cat([total.double() for total, _ in pairs])
+                columns[f"{k} count"] = torch.cat([count.double() for _, count in pairs])
+            table = torch.stack(list(columns.values()), 1)  # (examples, columns)
+            if self.parallel.cp is not None:  # each process of a cp group holds a share of every sequence
+                torch.distributed.all_reduce(table, group=self.parallel.cp.group)
+            keep = self.parallel.cp is None or self.parallel.cp.rank == 0
+            parts = [p for p in gather_objects(table.cpu() if keep else None) if p is not None]
+            frame = pd.DataFrame(torch.cat(parts).numpy(), columns=list(columns))
+            frames.append(frame.assign(split=suffix)[["split", *columns]])
         if self.world.is_main:
-            frame = pd.DataFrame(torch.cat([p for p in parts if p is not None]).numpy(), columns=list(columns))
-            frame.to_parquet(self.run_dir / "eval_examples.parquet")
+            pd.concat(frames, ignore_index=True).to_parquet(self.run_dir / "eval_examples.parquet")
 
     def eval_step(self, batch) -> dict:
         with self.autocast(), self.parallel.context(self.model):

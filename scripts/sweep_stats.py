@@ -43,14 +43,17 @@ def example_replicates(totals: np.ndarray, counts: np.ndarray, rng: np.random.Ge
 
 
 def run_examples(run_dir: Path, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """A run's per-example (totals, counts) of `metric`, or None if it kept none."""
+    """A run's per-example (totals, counts) of `metric` ('eval/cer', or 'eval/cer@long_4x' on
+    that split), or None if it kept none."""
     path = run_dir / EXAMPLES
     if not path.exists():
         return None
+    name, at, split = metric.partition("@")
     frame = pd.read_parquet(path)
-    if metric not in frame:
+    frame = frame[frame["split"] == at + split]
+    if name not in frame or frame.empty:
         return None
-    return frame[metric].to_numpy(float), frame[f"{metric} count"].to_numpy(float)
+    return frame[name].to_numpy(float), frame[f"{name} count"].to_numpy(float)
 
 
 def cell_replicates(group: pd.DataFrame, metric: str, root: Path, rng: np.random.Generator) -> np.ndarray | None:

@@ -50,8 +50,26 @@ def test_final_evaluation_keeps_each_test_image(trained):
     logged = pd.read_parquet(run / "metrics.parquet").set_index("step").loc[2]
     assert len(examples) == 360 and set(examples["eval/accuracy"]) <= {0.0, 1.0}
     assert (examples[["eval/loss count", "eval/accuracy count"]] == 1).all().all()
+    assert set(examples["split"]) == {""}  # the test split, the only one
     for metric in ("eval/loss", "eval/accuracy"):
         assert examples[metric].mean() == pytest.approx(logged[metric], rel=1e-6)
+
+
+def test_final_evaluation_keeps_each_sequence_at_each_length(tmp_path):
+    """A language model evaluated at 64 and 128 tokens: one row per validation sequence of each
+    length (`split` "" and "@128"), each counting its tokens; per split, the sums' ratios are
+    the logged eval/loss and eval/loss@128, and bits per byte."""
+    train(tmp_path, "+experiment=lm_sigmoid", "data.seq_len=64", "data.eval_seq_lens=[64,128]",
+          "data.eval_max_tokens=4096", "trainer.max_steps=2", "task.sample_prompts=[]")  # fmt: skip
+    examples = pd.read_parquet(tmp_path / "eval_examples.parquet")
+    logged = pd.read_parquet(tmp_path / "metrics.parquet").set_index("step").loc[2]
+    assert set(examples["split"]) == {"", "@128"}
+    for split, length in (("", 64), ("@128", 128)):
+        rows = examples[examples["split"] == split]
+        assert len(rows) > 8 and (rows["eval/loss count"] == length).all()
+        for metric in ("eval/loss", "eval/bits_per_byte"):
+            ratio = rows[metric].sum() / rows[f"{metric} count"].sum()
+            assert ratio == pytest.approx(logged[metric + split], rel=1e-6)
 
 
 def test_checkpoint_digests_are_in_sha256sum_format(trained):

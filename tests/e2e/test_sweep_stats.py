@@ -75,12 +75,14 @@ def test_intervals_over_examples_and_differences_between_cells(tmp_path):
     rates = {"a": 0.10, "b": 0.10, "c": 0.20}
     for name, rate in rates.items():
         errors = rng.binomial(lengths.astype(int), rate).astype(float)
-        examples = pd.DataFrame({"eval/loss": errors, "eval/loss count": lengths})
-        fake_run(tmp_path, {"attention": name}, [1.0, errors.sum() / lengths.sum()], examples)
+        examples = pd.DataFrame({"split": "", "eval/loss": errors, "eval/loss count": lengths})
+        longer = examples.assign(split="@long", **{"eval/loss": 3 * errors})  # another split: not mixed in
+        fake_run(tmp_path, {"attention": name}, [1.0, errors.sum() / lengths.sum()], pd.concat([examples, longer]),
+                 **{"eval/loss@long": [np.nan, 3 * errors.sum() / lengths.sum()]})  # fmt: skip
     collect_sweep.main([str(tmp_path), "--metric", "eval/loss", "--baseline", "attention=a"])
     cells = pd.read_csv(tmp_path / "sweep_summary.csv").set_index("attention")
     for name in rates:
-        examples = pd.read_parquet(tmp_path / f"attention={name}" / "eval_examples.parquet")
+        examples = pd.read_parquet(tmp_path / f"attention={name}" / "eval_examples.parquet").query("split == ''")
         theirs = scipy.stats.bootstrap((examples["eval/loss"], examples["eval/loss count"]),
                                        lambda e, n: e.sum() / n.sum(), paired=True, vectorized=False,
                                        method="percentile", n_resamples=10_000, random_state=2)  # fmt: skip
@@ -94,6 +96,14 @@ def test_intervals_over_examples_and_differences_between_cells(tmp_path):
     assert cells.loc["c", "eval/loss delta"] == pytest.approx(observed)
     assert 0 < cells.loc["c", "eval/loss delta low"] < observed < cells.loc["c", "eval/loss delta high"]
     assert "Δ" in (tmp_path / "sweep_summary.md").read_text()
+    main_split = cells.loc["a", "eval/loss mean"]
+    collect_sweep.main([str(tmp_path), "--metric", "eval/loss@long"])  # the other split's examples
+    row = pd.read_csv(tmp_path / "sweep_summary.csv").set_index("attention").loc["a"]
+    assert row["eval/loss@long low"] < row["eval/loss@long mean"] < row["eval/loss@long high"]
+    assert row["eval/loss@long mean"] == pytest.approx(3 * main_split)
+    assert row["eval/loss@long high"] - row["eval/loss@long low"] > 2 * (
+        cells.loc["a", "eval/loss high"] - cells.loc["a", "eval/loss low"]
+    )  # three times the errors: three times the spread
     with pytest.raises(ConfigError, match="attention.*'a', 'b', 'c'"):
         collect_sweep.main([str(tmp_path), "--baseline", "attention=d"])
 
