@@ -67,7 +67,7 @@ def test_multirun_then_collect_sweep(tmp_path, launcher):
 
 @pytest.mark.parametrize("preset, swept", [
     ("softmax_vs_sigmoid", {"attention": "softmax,sigmoid", "trainer.seed": "0,1,2"}),
-    ("sigmoid_bias", {"sigmoid.bias": "-2,-4,-6,-8,auto", "model.patch_size": "2,1", "trainer.seed": "0,1"}),
+    ("sigmoid_bias", {"sigmoid.bias": "-2,-4,-6,-8,auto", "trainer.seed": "0,1"}),
     ("layerscale", {"model.layer_scale": "null,1e-1,1e-2,1e-4", "trainer.seed": "0,1"}),
     ("stability", {"optimizer.learning_rate": "1e-3,3e-3,1e-2,3e-2,1e-1,3e-1", "attention": "softmax,sigmoid",
                    "attention.qk_norm": "null,layernorm", "trainer.seed": "0,1"}),
@@ -108,8 +108,8 @@ def numbers_at_the_ends(values: list[str]) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment):
-    """Each job's config (seeds aside) composes, validates and builds its attention, model and
-    trainer: a sweep that switches the backend keeps the experiment's sigmoid options for the
+    """Each job's config (seeds aside) composes, validates and builds its data, attention, model
+    and trainer: a sweep that switches the backend keeps the experiment's sigmoid options for the
     sigmoid jobs and drops them for the softmax ones, instead of failing after queueing."""
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", f"+sweep={preset}"], return_hydra_config=True)
@@ -120,6 +120,7 @@ def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment
             job_cfg = compose("train", overrides=[f"+experiment={experiment}", *job])
             validate(job_cfg)
             build(job_cfg.trainer)
+            build(job_cfg.data)
             with torch.device("meta"):
                 build_model(job_cfg, MODEL_ARGS[experiment.split("_")[0]])
 
