@@ -1,6 +1,6 @@
 """Tabulate a sweep: every run's overrides against its final metrics, with intervals.
 
-    python scripts/collect_sweep.py multirun/vit_sigmoid/2026-11-23_10-00-00 [--metric eval/accuracy] [--out DIR]
+    python scripts/collect_sweep.py multirun/vit_sigmoid/2026-11-23_10-00-00 [--metric eval/accuracy ...] [--out DIR]
         [--baseline sigmoid.bias=auto] [--sensitivity] [--curves 'attn/block_*/logit_max' train/loss
         [--curves-at optimizer.learning_rate=0.1]]
 
@@ -11,10 +11,11 @@ logged value. Prints a markdown table (one row per run, sorted by the swept valu
 per value of the others, mean ± std over seeds when `trainer.seed` is swept; runs whose metric
 is not finite marked as diverged) to --out (default: MULTIRUN_DIR).
 
-Each cell (the swept values but the seed) gets its statistics, printed and written to
-`sweep_summary.md` / `.csv`: the finite runs, the mean, the standard deviation over seeds, and a
-95 % bootstrap interval of the mean (`sweep_stats.py`: over the seeds, and over each run's
-evaluation examples where the runs kept them, so a single run has one too). `--baseline K=V`
+Each cell (the swept values but the seed) gets statistics of each --metric and the training
+loss, printed and written to `sweep_summary.md` / `.csv`: the finite runs, the mean, the
+standard deviation over seeds, and a 95 % bootstrap interval of the mean (`sweep_stats.py`: over
+the seeds, and over each run's evaluation examples where the runs kept them, so a single run
+has one too). `--baseline K=V`
 adds each cell's difference from the cell with K=V (the other keys equal) with its interval:
 an interval that covers 0 is a difference this sweep cannot detect.
 
@@ -245,8 +246,9 @@ def plot_curves(root: Path, runs: pd.DataFrame, swept: list[str], patterns: list
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("multirun_dir", type=Path)
-    parser.add_argument("--metric", help="the main metric (default: the first eval/ metric of eval/accuracy, "
-                                         "eval/bits_per_byte, eval/wer, eval/loss that the runs have)")  # fmt: skip
+    parser.add_argument("--metric", nargs="+", help="the main metric, or several: the first is plotted, all are "
+                        "summarised (default: the first of eval/accuracy, eval/bits_per_byte, eval/wer, eval/loss that "
+                        "the runs have)")  # fmt: skip
     parser.add_argument("--out", type=Path)
     parser.add_argument("--baseline", metavar="KEY=VALUE",
                         help="also each cell's difference from the cell with KEY=VALUE, with its interval")  # fmt: skip
@@ -266,9 +268,11 @@ def main(argv=None) -> pd.DataFrame:
     metrics = [c for c in runs.columns if "/" in c and not c.startswith(("param/", "grad/", "update", "opt/"))]
     metrics = [m for m in metrics if m.startswith("eval/") and "/block_" not in m] + ["train/loss"]
     preferred = ("eval/accuracy", "eval/bits_per_byte", "eval/wer", "eval/loss")
-    metric = args.metric or next(m for m in (*preferred, *metrics) if m in runs)
-    if metric not in runs:
-        raise ConfigError(f"no run logged {metric!r}; metrics: {metrics}")
+    chosen = args.metric or [next(m for m in (*preferred, *metrics) if m in runs)]
+    for name in chosen:
+        if name not in runs:
+            raise ConfigError(f"no run logged {name!r}; metrics: {metrics}")
+    metric = chosen[0]
     swept = swept_keys(runs, [c for c in runs.columns if "/" in c])
     if not swept:  # one run, or runs that differ in nothing: a row per run directory
         print("no override differs between the runs: one row per run", file=sys.stderr)
@@ -284,7 +288,7 @@ def main(argv=None) -> pd.DataFrame:
     (out / "sweep.md").write_text(markdown)
     result.to_csv(out / "sweep.csv", index=False)
     plot(runs, swept, metric, out / "sweep.png")
-    shown = [metric, "train/loss"] if metric != "train/loss" else [metric]
+    shown = list(dict.fromkeys([*chosen, "train/loss"]))
     cells = summary(runs, swept, shown, args.multirun_dir, baseline)
     text = summary_markdown(cells, [k for k in swept if k != SEED], shown)
     print("\nper cell (95 % bootstrap intervals):\n" + text)

@@ -97,8 +97,9 @@ def test_intervals_over_examples_and_differences_between_cells(tmp_path):
     assert 0 < cells.loc["c", "eval/loss delta low"] < observed < cells.loc["c", "eval/loss delta high"]
     assert "Δ" in (tmp_path / "sweep_summary.md").read_text()
     main_split = cells.loc["a", "eval/loss mean"]
-    collect_sweep.main([str(tmp_path), "--metric", "eval/loss@long"])  # the other split's examples
+    collect_sweep.main([str(tmp_path), "--metric", "eval/loss", "eval/loss@long"])  # the other split's examples too
     row = pd.read_csv(tmp_path / "sweep_summary.csv").set_index("attention").loc["a"]
+    assert row["eval/loss mean"] == main_split
     assert row["eval/loss@long low"] < row["eval/loss@long mean"] < row["eval/loss@long high"]
     assert row["eval/loss@long mean"] == pytest.approx(3 * main_split)
     assert row["eval/loss@long high"] - row["eval/loss@long low"] > 2 * (
