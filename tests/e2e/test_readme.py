@@ -102,8 +102,9 @@ def capped(args: list[str]) -> list[str]:
         caps = caps | {"trainer.max_steps": "4", "trainer.run_steps": "2"}
     if "hydra/launcher=submitit_local" in args:
         caps = caps | {"hydra.sweeper.max_batch_size": "2"}  # two cores: two runs at a time
-    if any(a.startswith("+sweep=") for a in args):  # every swept value, at one seed (more seeds repeat the runs)
-        caps = caps | {"trainer.seed": "0"}
+    if "-m" in args or any(a.startswith("+sweep=") for a in args):  # every swept value, at one seed (more seeds
+        caps = caps | {"trainer.seed": "0"}  # repeat the runs); a study's evaluation splits kept: its table reads them
+        caps.pop("data.eval_splits", None)
     if "+sweep=stability" in args:  # its softmax and sigmoid runs at one learning rate (not 48 runs), the curves logged
         caps = caps | {"optimizer.learning_rate": "0.3", "attention.qk_norm": "null", "diagnostics.every_n_steps": "1"}
     kept = [a for a in args if a.split("=", 1)[0] not in caps]
