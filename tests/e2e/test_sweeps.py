@@ -108,8 +108,8 @@ def numbers_at_the_ends(values: list[str]) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment):
-    """Each job's config (seeds aside) composes, validates and builds its data, attention, model
-    and trainer: a sweep that switches the backend keeps the experiment's sigmoid options for the
+    """Each job's config (seeds aside) composes, validates and builds its attention, model and
+    trainer: a sweep that switches the backend keeps the experiment's sigmoid options for the
     sigmoid jobs and drops them for the softmax ones, instead of failing after queueing."""
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", f"+sweep={preset}"], return_hydra_config=True)
@@ -120,7 +120,6 @@ def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment
             job_cfg = compose("train", overrides=[f"+experiment={experiment}", *job])
             validate(job_cfg)
             build(job_cfg.trainer)
-            build(job_cfg.data)
             with torch.device("meta"):
                 build_model(job_cfg, MODEL_ARGS[experiment.split("_")[0]])
 
