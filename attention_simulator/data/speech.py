@@ -159,9 +159,13 @@ class SpeechData:
         group_batches: int = 20,
         specaugment: dict | None = None,
         eval_splits: list[str] | tuple[str, ...] = ("test",),
+        eval_max_utterances: int | None = None,
         num_workers: int = 0,
     ):
         check_batch_sizes(batch_size, eval_batch_size)
+        if eval_max_utterances is not None and eval_max_utterances < 1:
+            raise ConfigError(f"data.eval_max_utterances={eval_max_utterances} must be >= 1 (or null: all).")
+        self.eval_max_utterances = eval_max_utterances
         self.name, self.batch_size, self.eval_batch_size = name, batch_size, eval_batch_size
         self.group_batches, self.num_workers = group_batches, num_workers
         buckets = long_buckets(eval_splits, name == "speech_synth" and path is None)  # checked before any build
@@ -224,11 +228,13 @@ class SpeechData:
 
     def eval_loaders(self, rank: int = 0, world_size: int = 1) -> dict:
         """{"": dev (eval/wer, ...)} and one per `eval_splits` entry ("@test": eval/wer@test,
-        "@long_2x": eval/wer@long_2x, ...), each shortest first."""
+        "@long_2x": eval/wer@long_2x, ...), each shortest first, each of the split's first
+        `eval_max_utterances` utterances."""
         self.prepare()
         loaders = {}
         for key, split in [("", "dev")] + [(f"@{split}", split) for split in self.eval_splits]:
-            order = np.argsort(self.lengths[split], kind="stable").tolist()
+            lengths = self.lengths[split][: self.eval_max_utterances]
+            order = np.argsort(lengths, kind="stable").tolist()
             batches = [[(0, order[i]) for _, i in batch] for batch in
                        eval_batches(len(order), self.eval_batch_size, rank, world_size)]  # fmt: skip
             loaders[key] = make_loader(self._dataset(split, 0, train=False), batches, self.num_workers)

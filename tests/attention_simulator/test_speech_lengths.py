@@ -86,6 +86,15 @@ def test_eval_splits_select_the_loaders(tiny_cache):
     assert list(build(cfg.data).eval_loaders()) == ["", "@test"]  # the long buckets only when asked
 
 
+def test_eval_max_utterances_takes_each_splits_first_ones(tiny_cache):
+    data = SpeechData(synth=TINY, eval_batch_size=2, eval_splits=["test", "long_2x"], eval_max_utterances=5)
+    for key, split in (("", "dev"), ("@test", "test"), ("@long_2x", "long_2x")):
+        transcripts = [t for batch in data.eval_loaders()[key] for t in batch["transcripts"]]
+        assert sorted(transcripts) == sorted(data.splits[split]["text"][:5])  # 12, 12 and 6 in all
+    with pytest.raises(ConfigError, match=r"data.eval_max_utterances=0 must be >= 1 \(or null: all\)"):
+        SpeechData(synth=TINY, eval_max_utterances=0)
+
+
 @pytest.mark.parametrize(
     "eval_splits, message",
     [

@@ -36,7 +36,7 @@ README = ROOT / "README.md"
 CAPS = {"trainer.max_steps": "2", "trainer.eval_every": "0", "trainer.progress": "false",
         "++diagnostics.lipschitz_iters": "2"}  # fmt: skip
 CAPS_BY_FAMILY = {"lm": {"data.eval_max_tokens": "4096", "task.sample_tokens": "8"},
-                  "asr": {"data.eval_splits": "[test]"}}  # fmt: skip
+                  "asr": {"data.eval_splits": "[test]", "data.eval_max_utterances": "16"}}  # fmt: skip
 COMPOSE_ONLY = {  # what the command needs that this machine lacks
     "torchrun": "several GPUs or machines",
     "/data/": "a dataset at /data",
