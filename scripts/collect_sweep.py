@@ -10,6 +10,7 @@ logged value. Prints a markdown table (one row per run, sorted by the swept valu
 `sweep.csv`, `sweep.md` and `sweep.png` (the main metric against the first swept key, one line
 per value of the others, mean ± std over seeds when `trainer.seed` is swept; runs whose metric
 is not finite marked as diverged) to --out (default: MULTIRUN_DIR).
+A per-layer statistic's mean over layers is a metric too: `--metric lipschitz/layer_mean/spectral_max`.
 
 Each cell (the swept values but the seed) gets statistics of each --metric and the training
 loss, printed and written to `sweep_summary.md` / `.csv`: the finite runs, the mean, the
@@ -39,7 +40,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
-from compare_runs import markdown_table
+from compare_runs import markdown_table, with_layer_means
 from omegaconf import OmegaConf
 from sweep_stats import cell_replicates, interval, learning_rate_sensitivity, loss_landmarks
 
@@ -58,7 +59,7 @@ def read_runs(root: Path) -> pd.DataFrame:
         if not overrides_file.exists():
             continue
         overrides = dict(o.split("=", 1) for o in OmegaConf.load(overrides_file))
-        frame = pd.read_parquet(metrics)
+        frame = with_layer_means(pd.read_parquet(metrics))
         last = {k: frame[k].dropna().iloc[-1] for k in frame if k != "step" and frame[k].notna().any()}
         numeric = {k: v for k, v in last.items() if not isinstance(v, str)} | loss_landmarks(frame)
         rows.append({"run": str(metrics.parent.relative_to(root)), **overrides, "step": frame["step"].max(), **numeric})

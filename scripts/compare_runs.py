@@ -40,11 +40,18 @@ def load(run_dir: Path) -> tuple[str, pd.DataFrame]:
     if config_path.exists():
         config = yaml.safe_load(config_path.read_text())
         label = f"{config.get('name', run_dir.name)} ({config['attention']['backend']})"
-    for pattern in PER_LAYER + LIPSCHITZ:  # the mean over layers, one column per statistic
+    return label, with_layer_means(frame)
+
+
+def with_layer_means(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` and, for each per-layer statistic it holds, the mean over layers as
+    '.../layer_mean/...' (lipschitz/layer_mean/spectral_max, attn/layer_mean/mass_mean, ...)."""
+    means = {}
+    for pattern in PER_LAYER + LIPSCHITZ:
         columns = list(layer_columns(frame, pattern).values())
         if columns:
-            frame[pattern.replace("{layer}", "layer_mean")] = frame[columns].mean(axis=1, skipna=False)
-    return label, frame
+            means[pattern.replace("{layer}", "layer_mean")] = frame[columns].mean(axis=1, skipna=False)
+    return frame.assign(**means)
 
 
 def statistics(frames: list[pd.DataFrame]) -> list[str]:

@@ -124,3 +124,15 @@ def test_curves_draw_a_panel_per_matching_metric(tmp_path):
         collect_sweep.main([str(tmp_path), "--curves", "logits/rms", "--curves-at", "optimizer.learning_rate=3e-1"])
     with pytest.raises(ConfigError, match="no run set 'lr'"):
         collect_sweep.main([str(tmp_path), "--curves", "logits/rms", "--curves-at", "lr=3e-1"])
+
+
+def test_a_layer_mean_is_a_metric(tmp_path):
+    """--metric lipschitz/layer_mean/spectral_max: each run's last value averaged over its layers."""
+    nan = float("nan")
+    for seed, layers in (("0", (2.0, 4.0, 9.0)), ("1", (3.0, 5.0, 10.0))):
+        curves = {f"lipschitz/block_0{i}/spectral_max": [nan, value] for i, value in enumerate(layers)}
+        fake_run(tmp_path, {"attention": "sigmoid", "trainer.seed": seed}, [5.0, 4.0], **curves)
+    collect_sweep.main([str(tmp_path), "--metric", "lipschitz/layer_mean/spectral_max"])
+    cell = pd.read_csv(tmp_path / "sweep_summary.csv").iloc[0]
+    assert cell["lipschitz/layer_mean/spectral_max mean"] == pytest.approx((5.0 + 6.0) / 2)
+    assert cell["lipschitz/layer_mean/spectral_max std"] == pytest.approx(np.std([5.0, 6.0], ddof=1))
