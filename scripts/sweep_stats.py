@@ -50,10 +50,7 @@ def run_examples(run_dir: Path, metric: str) -> tuple[np.ndarray, np.ndarray] | 
         return None
     name, at, split = metric.partition("@")
     frame = pd.read_parquet(path)
-    if "split" in frame:  # (a file without one holds the main split only)
-        frame = frame[frame["split"] == at + split]
-    elif at:
-        return None
+    frame = frame[frame["split"] == at + split]
     if name not in frame or frame.empty:
         return None
     return frame[name].to_numpy(float), frame[f"{name} count"].to_numpy(float)
