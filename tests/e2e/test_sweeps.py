@@ -41,9 +41,9 @@ def test_multirun_then_collect_sweep(tmp_path, launcher):
     extra = ["logger.wandb=true"] if launcher == "basic" else ["hydra/launcher=submitit_local"]
     result = run_train(*SWEEP, *extra, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    # each run is named by its overrides, sorted by key (the experiment and the launcher left out)
+    # each run is named by its overrides, sorted by key (the launcher left out)
     wandb = ",logger.wandb=True" if launcher == "basic" else ""
-    name = "attention.sigmoid_bias={},data.batch_size=32" + wandb + ",trainer.max_steps=4"
+    name = "+experiment=vit_sigmoid,attention.sigmoid_bias={},data.batch_size=32" + wandb + ",trainer.max_steps=4"
     runs = {b: sweep_dir / name.format(b) for b in (-2, -6)}
     assert all((d / "metrics.parquet").exists() for d in runs.values()), sorted(p.name for p in sweep_dir.iterdir())
 
@@ -122,6 +122,16 @@ def test_every_job_of_every_preset_on_every_experiment_starts(preset, experiment
             build(job_cfg.trainer)
             with torch.device("meta"):
                 build_model(job_cfg, MODEL_ARGS[experiment.split("_")[0]])
+
+
+def test_a_sweep_over_experiments_names_each_run_by_its_experiment():
+    """`-m +experiment=vit_softmax,vit_sigmoid model.norm=pre,post`: four run folders, not two
+    that each experiment's runs would share; a preset's name and the progress bar stay out."""
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        jobs = [[f"+experiment={e}", f"model.norm={n}", "+sweep=layerscale", "trainer.progress=false"]
+                for e in ("vit_softmax", "vit_sigmoid") for n in ("pre", "post")]  # fmt: skip
+        names = {compose("train", overrides=job, return_hydra_config=True).hydra.job.override_dirname for job in jobs}
+    assert "+experiment=vit_sigmoid,model.norm=post" in names and len(names) == 4
 
 
 def test_collect_sweep_of_a_single_run_writes_its_table(tmp_path, trained):
