@@ -36,6 +36,21 @@ def _learned(kind: str | None, heads: int) -> nn.Parameter | None:
     return None if kind is None else nn.Parameter(torch.zeros(() if kind == "scalar" else (heads,)))
 
 
+class OutputGate(nn.Module):
+    """out (B, T, H, D) × σ(x W_g), x (B, T, C) the layer's input: one gate per head and token
+    (headwise) or one per channel (elementwise) -- Qiu et al. 2025's gated attention, applied
+    after attention and before the output projection, so every backend has it."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, kind: str):
+        super().__init__()
+        self.heads = heads
+        self.proj = nn.Linear(dim, heads if kind == "headwise" else heads * head_dim)
+
+    def forward(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.proj(x))  # (B, T, H) or (B, T, H·D)
+        return out * rearrange(gate, "b t (h e) -> b t h e", h=self.heads).to(out.dtype)
+
+
 class SequenceParallel(Protocol):
     """How a layer attends when its input is one process's share of longer sequences: set from
     outside (`parallel.context_parallel`, with `ring.ContextParallel`), as FSDP is applied."""
@@ -95,6 +110,7 @@ class Attention(nn.Module):
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.bias_offset = _learned(config.learnable_bias, num_heads)
         self.log_temperature = _learned(config.temperature, num_heads)
+        self.gate = None if config.gate == "none" else OutputGate(dim, num_heads, self.head_dim, config.gate)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(config.proj_drop) if config.proj_drop else nn.Identity()
         self.sequence_parallel: SequenceParallel | None = None  # context parallelism, while applied
@@ -191,6 +207,8 @@ class Attention(nn.Module):
         if documents is not None:
             out = documents.ungroup(out, *x.shape[:2])  # (B, Tq, H, D)
         out = self.values_probe(out, padding)  # attention·V: (B, Tq, H, D)
+        if self.gate is not None:
+            out = self.gate(out, x)
         out = self.out_probe(self.proj(rearrange(out, "b t h d -> b t (h d)")), padding)  # (B, Tq, C)
         return self.proj_drop(out)
 

@@ -14,6 +14,7 @@ CHOICES = {
     "learnable_bias": (None, "scalar", "per_head"),
     "length_norm": (None, "n", "sqrt_n"),
     "temperature": (None, "scalar", "per_head"),
+    "gate": ("none", "headwise", "elementwise"),
 }
 
 
@@ -32,6 +33,8 @@ class AttentionConfig:
     learnable_bias: null | scalar | per_head: a learned offset added to sigmoid_bias (init 0).
     length_norm: null | n | sqrt_n: sigmoid attention output × 1/n or × 1/√n, n the keys the row attends.
     temperature: null | scalar | per_head: a learned log-scale on the logits (init 0: scale × 1).
+    gate: none | headwise | elementwise: the attention output × σ(x W_g) before the output
+        projection, x the layer's input: one gate per head and token, or one per channel.
     qk_norm: null | layernorm | rmsnorm (true = layernorm): normalise queries and keys per head.
     qkv_bias: bias in the q/k/v projections. attn_drop, proj_drop: dropout on weights / output.
     """
@@ -47,6 +50,7 @@ class AttentionConfig:
     learnable_bias: str | None = None
     length_norm: str | None = None
     temperature: str | None = None
+    gate: str = "none"
     qk_norm: str | bool | None = None
     qkv_bias: bool = True
     attn_drop: float = 0.0

@@ -163,6 +163,27 @@ def test_temperature_scales_the_logits():
     assert not torch.allclose(base, doubled)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["headwise", "elementwise"])
+def test_output_gate_multiplies_each_head_by_a_sigmoid_of_the_input(backend, gate):
+    """proj(attention·V ⊙ σ(x W_g + b_g)), written out: the ungated twin's attention·V (its
+    projection taken off), each head's channels times that head's gate (headwise) or their own."""
+    torch.manual_seed(0)
+    gated = Attention(16, 4, AttentionConfig(backend=backend, gate=gate), causal=True)
+    twin = Attention(16, 4, AttentionConfig(backend=backend), causal=True)
+    twin.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("gate.")})
+    twin.proj = torch.nn.Identity()
+    x = torch.randn(2, 5, 16)
+    values = twin(x)  # (B, T, H·D)
+    w, b = gated.gate.proj.weight, gated.gate.proj.bias
+    expected = torch.empty_like(values)
+    for i in range(16):  # channel i belongs to head i // 4
+        unit = i // 4 if gate == "headwise" else i
+        expected[..., i] = values[..., i] / (1 + torch.exp(-(x @ w[unit] + b[unit])))
+    assert w.shape == (4 if gate == "headwise" else 16, 16)
+    torch.testing.assert_close(gated(x), gated.proj(expected), rtol=1e-5, atol=1e-6)
+
+
 # ---- norms and block shapes --------------------------------------------------------------------------
 
 
@@ -237,6 +258,7 @@ def test_cross_attention_with_other_lengths_and_widths(naive, fused):
         (dict(backend="sigmoid", sigmoid_bias=1.0, bias_n="per_row"), r"bias_n=per_row only applies"),
         (dict(position="absolute"), r"attention.position='absolute'"),
         (dict(window=-3), r"window=-3"),
+        (dict(gate="per_head"), r"attention.gate='per_head': choose one of \['none', 'headwise', 'elementwise'\]"),
     ],
 )
 def test_impossible_options_are_refused_at_construction(config, message):

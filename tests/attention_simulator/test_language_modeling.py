@@ -109,11 +109,14 @@ def test_bits_per_byte_by_hand():
 
 
 CACHE_CASES = [
-    ("softmax", dict(position="rope")),
+    ("softmax", dict(position="rope", gate="headwise")),
     ("flash_softmax", dict(position="alibi", window=6)),
     ("sigmoid", dict(position="rope", sigmoid_bias="auto", bias_n="per_row", length_norm="sqrt_n")),
     ("sigmoid", dict(position="alibi", sigmoid_bias=-3.0, learnable_bias="scalar")),
-    ("flash_sigmoid", dict(position="rope", sigmoid_bias=-2.0, num_kv_heads=2, learnable_bias="per_head")),
+    (
+        "flash_sigmoid",
+        dict(position="rope", sigmoid_bias=-2.0, num_kv_heads=2, learnable_bias="per_head", gate="elementwise"),
+    ),
     ("flash_sigmoid", dict(position="alibi", sigmoid_bias=-2.0, window=5)),
 ]
 

@@ -59,3 +59,10 @@ def test_sigmoid_variants_match_brute_force(length_norm, temperature):
 def test_per_row_bias_matches_brute_force():
     check_backends(["sigmoid"], True, 3, True, "alibi", 2, sigmoid_bias="auto", bias_n="per_row",
                    learnable_bias="scalar")  # fmt: skip
+
+
+@pytest.mark.parametrize("gate", ["headwise", "elementwise"])
+def test_output_gates_match_brute_force(gate):
+    """The gate is outside the backend: every backend, gradients of W_g included."""
+    check_backends(["softmax", "flash_softmax"], True, None, True, "rope", 2, gate=gate)
+    check_backends(["sigmoid", "flash_sigmoid"], True, None, True, "rope", 2, sigmoid_bias="auto", gate=gate)

@@ -67,8 +67,8 @@ def attention_cases() -> dict[str, tuple[dict, bool]]:
 ATTENTION_CASES = attention_cases()
 LM_CASES = {  # name: (pos_embed, attention options); absolute embeddings must use global positions
     "lm-learned-sigmoid-rope": ("learned", dict(backend="sigmoid", position="rope", sigmoid_bias="auto")),
-    "lm-sincos-softmax": ("sincos", dict(backend="softmax")),
-    "lm-none-flash_sigmoid": ("none", dict(backend="flash_sigmoid", sigmoid_bias="auto")),
+    "lm-sincos-softmax-gated": ("sincos", dict(backend="softmax", gate="headwise")),
+    "lm-none-flash_sigmoid-gated": ("none", dict(backend="flash_sigmoid", sigmoid_bias="auto", gate="elementwise")),
 }
 
 
