@@ -52,11 +52,13 @@ def _per_head(value, b: int, h: int, rows: int):
 
 
 def attention(q, k, v, *, activation: str, scale: float | None = None, bias=0.0, causal=False, window=(-1, -1),
-              alibi_slopes=None, q_lengths=None, k_lengths=None, softcap=0.0, dtype=torch.float64):  # fmt: skip
+              alibi_slopes=None, q_lengths=None, k_lengths=None, softcap=0.0, sink=None,
+              dtype=torch.float64):  # fmt: skip
     """q (B, Tq, H, D), k and v (B, Tk, Hk, D) -> (out (B, Tq, H, D), mass (B, H, Tq), weights
     (B, H, Tq, Tk)), computed in `dtype`. activation: "sigmoid" (p = σ(s + bias), masked 0) or
     "softmax" (over allowed keys; a row with none is 0). softcap > 0: scores x become
-    softcap·tanh(x/softcap) before ALiBi and the bias. Differentiable in q, k, v and bias."""
+    softcap·tanh(x/softcap) before ALiBi and the bias. sink (H,): softmax with exp(sink[h]) added
+    to each row's denominator. Differentiable in q, k, v, bias and sink."""
     batch, tq, heads, head_dim = q.shape
     tk, kv_heads = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(head_dim) if scale is None else scale
@@ -77,6 +79,9 @@ def attention(q, k, v, *, activation: str, scale: float | None = None, bias=0.0,
                 s = s - slope.to(dtype) * distance.to(dtype)
             if activation == "sigmoid":
                 p = torch.where(allowed, torch.sigmoid(s + _per_head(bias, b, h, tq)), 0)
+            elif sink is not None:
+                e = torch.where(allowed, torch.exp(s), 0)
+                p = e / (e.sum(1, keepdim=True) + torch.exp(sink[h].to(dtype)))
             else:
                 p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
                 p = torch.where(allowed.any(1, keepdim=True), p, 0)  # rows with no key: 0, not NaN

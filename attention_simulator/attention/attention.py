@@ -110,6 +110,12 @@ class Attention(nn.Module):
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.bias_offset = _learned(config.learnable_bias, num_heads)
         self.log_temperature = _learned(config.temperature, num_heads)
+        if config.sink == "learned":  # a logit per head (init 0), in the normaliser only
+            self.sink_logit = nn.Parameter(torch.zeros(num_heads))
+        else:  # zero: the off-by-one softmax's fixed 0
+            self.register_buffer(
+                "sink_logit", torch.zeros(num_heads) if config.sink == "zero" else None, persistent=False
+            )
         self.gate = None if config.gate == "none" else OutputGate(dim, num_heads, self.head_dim, config.gate)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(config.proj_drop) if config.proj_drop else nn.Identity()
@@ -261,6 +267,7 @@ class Attention(nn.Module):
             k_padding=k_padding,
             probe=self.weights_probe if self.weights_probe.active else None,
             kv_cache=cache if self.described.writes_kv_cache else None,
+            sink=self.sink_logit,
         )
 
     def attend(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:

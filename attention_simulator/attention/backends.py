@@ -47,6 +47,7 @@ class AttentionSpec:
     k_padding: Padding | None = None
     probe: AttentionProbe | None = None  # set while diagnostics record: gets the weights (or the mass)
     kv_cache: KVCache | None = None  # decoding with flash_sigmoid: k, v are the new tokens, appended in place
+    sink: torch.Tensor | None = None  # (H,) softmax: one more logit per head in the normaliser, with no value
 
     @property
     def q_lengths(self) -> torch.Tensor | None:
@@ -69,7 +70,7 @@ class AttentionSpec:
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], torch.Tensor]
 
 # options a backend may honour; AttentionConfig checks the ones a config switches on
-OPTIONS = ("causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias", "length_norm")
+OPTIONS = ("causal", "window", "alibi", "dropout", "sigmoid_bias", "per_row_bias", "length_norm", "sink")
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,15 @@ def _softmax_inputs(q, k, spec):
     return scores.masked_fill(~(allowed | ~any_key), float("-inf")), any_key
 
 
-@register_backend("softmax", "softmax", {"causal", "window", "alibi", "dropout"}, ring_kernel="naive")
+@register_backend("softmax", "softmax", {"causal", "window", "alibi", "dropout", "sink"}, ring_kernel="naive")
 @_exact
 def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     scores, any_key = _softmax_inputs(q, k, spec)
-    weights = torch.softmax(scores, dim=-1) * any_key  # (B, H, Tq, Tk)
+    if spec.sink is None:
+        weights = torch.softmax(scores, dim=-1) * any_key  # (B, H, Tq, Tk)
+    else:  # the sink's column takes its share of each row, then goes: it has no value
+        sink = spec.sink.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        weights = torch.softmax(torch.cat([scores, sink], -1), dim=-1)[..., :-1] * any_key
     if spec.probe is not None:
         weights = spec.probe(weights, spec.q_padding)
     return weighted_values(_dropout(weights, spec.dropout_p), v)  # (B, Tq, H, D)
@@ -202,23 +207,53 @@ except ImportError:  # pragma: no cover - depends on the environment
     _flash_attn = None
 
 
-@register_backend("flash_softmax", "softmax", {"causal", "window", "alibi", "dropout"}, reference="softmax")
+def _with_sink_key(q, k, v, spec: AttentionSpec):
+    """q, k, v with the sink as one more key in front of every sequence: an extra channel, 1 in
+    every query and sink/scale in the sink's key (0 in the others), makes its logit the sink's
+    for every query; its value is 0. Channels are padded to a multiple of 8 (the fused kernels'
+    granularity); the scale stays the original head size's."""
+    batch, _, heads, dim = q.shape
+    pad = 8 - dim % 8  # >= 1: the extra channel, then zeros
+    q = torch.cat([q, q.new_ones(*q.shape[:3], 1), q.new_zeros(*q.shape[:3], pad - 1)], -1)  # (B, Tq, H, D + pad)
+    sink = (spec.sink.to(q.dtype) / spec.scale).reshape(1, 1, heads, 1).expand(batch, 1, heads, 1)
+    sink_key = F.pad(sink, (dim, pad - 1))  # (B, 1, H, D + pad)
+    k = torch.cat([sink_key, F.pad(repeat_kv(k, heads), (0, pad))], 1)  # (B, 1 + Tk, H, D + pad)
+    v = F.pad(repeat_kv(v, heads), (0, 0, 0, 0, 1, 0))  # (B, 1 + Tk, H, D): the sink's value is 0
+    return q, k, v
+
+
+@register_backend("flash_softmax", "softmax", {"causal", "window", "alibi", "dropout", "sink"}, reference="softmax")
 def flash_softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
-    """flash-attn 2 on CUDA fp16/bf16 when installed; otherwise PyTorch SDPA."""
+    """flash-attn 2 on CUDA fp16/bf16 when installed; otherwise PyTorch SDPA. With a sink, SDPA
+    with the sink as one more key (`_with_sink_key`): flash-attn has no sink."""
+    if spec.sink is not None:
+        return _sdpa(q, k, v, spec)
     if _flash_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         kw = dict(dropout_p=spec.dropout_p, softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window,
                   alibi_slopes=spec.alibi_slopes)  # fmt: skip
         if spec.k_padding is not None:
             return _varlen(_flash_attn.flash_attn_varlen_func, q, k, v, spec, **kw)
         return _flash_attn.flash_attn_func(q, k, v, **kw)
-    simple = spec.window == (-1, -1) and spec.alibi_slopes is None and spec.k_lengths is None
+    return _sdpa(q, k, v, spec)
+
+
+def _sdpa(q, k, v, spec: AttentionSpec) -> torch.Tensor:
+    """PyTorch's scaled_dot_product_attention: is_causal where its top-left alignment agrees,
+    else an explicit mask (bottom-right aligned, padding, window, ALiBi, the sink's key)."""
+    simple = spec.window == (-1, -1) and spec.alibi_slopes is None and spec.k_lengths is None and spec.sink is None
     heads = q.shape[2]
+    allowed, alibi = spec.mask(q, k, at_least_fp32(q).dtype) if not simple else (None, None)
+    if spec.sink is not None:  # the sink's key: in front, always attended, no ALiBi distance
+        q, k, v = _with_sink_key(q, k, v, spec)
+        allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], 1), allowed], -1)
+        alibi = None if alibi is None else F.pad(alibi, (1, 0))
     q_, k_, v_ = (rearrange(t, "b t h d -> b h t d") for t in (q, repeat_kv(k, heads), repeat_kv(v, heads)))
     if simple and (not spec.causal or q.shape[1] == k.shape[1]):  # SDPA's is_causal is top-left aligned
         out = F.scaled_dot_product_attention(q_, k_, v_, dropout_p=spec.dropout_p, is_causal=spec.causal,
                                              scale=spec.scale)  # fmt: skip
         return rearrange(out, "b h t d -> b t h d")
-    allowed, alibi = spec.mask(q, k, at_least_fp32(q).dtype)
+    if allowed is None:
+        allowed, alibi = spec.mask(q, k, at_least_fp32(q).dtype)
     any_key = allowed.any(-1, keepdim=True)
     mask = allowed | ~any_key if alibi is None else alibi.masked_fill(~(allowed | ~any_key), float("-inf"))
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.to(q.dtype) if alibi is not None else mask,

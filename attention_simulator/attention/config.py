@@ -15,6 +15,10 @@ CHOICES = {
     "length_norm": (None, "n", "sqrt_n"),
     "temperature": (None, "scalar", "per_head"),
     "gate": ("none", "headwise", "elementwise"),
+    "sink": ("none", "zero", "learned"),
+}
+WHY_NOT = {  # why an option has no meaning on the backends that refuse it
+    "sink": "a sink takes its share of the mass through softmax's normaliser, which sigmoid attention does not have",
 }
 
 
@@ -35,6 +39,8 @@ class AttentionConfig:
     temperature: null | scalar | per_head: a learned log-scale on the logits (init 0: scale × 1).
     gate: none | headwise | elementwise: the attention output × σ(x W_g) before the output
         projection, x the layer's input: one gate per head and token, or one per channel.
+    sink: none | zero | learned: one more logit per head in softmax's normaliser, with no value
+        (zero: off-by-one softmax, 1 + Σ exp in the denominator; learned: a logit per head, init 0).
     qk_norm: null | layernorm | rmsnorm (true = layernorm): normalise queries and keys per head.
     qkv_bias: bias in the q/k/v projections. attn_drop, proj_drop: dropout on weights / output.
     """
@@ -51,6 +57,7 @@ class AttentionConfig:
     length_norm: str | None = None
     temperature: str | None = None
     gate: str = "none"
+    sink: str = "none"
     qk_norm: str | bool | None = None
     qkv_bias: bool = True
     attn_drop: float = 0.0
@@ -85,6 +92,7 @@ class AttentionConfig:
             "window": self.window is not None,
             "alibi": self.position == "alibi",
             "dropout": self.attn_drop > 0,
+            "sink": self.sink != "none",
         }
         for option, on in requested.items():
             self.require(option, on)
@@ -98,8 +106,9 @@ class AttentionConfig:
     def require(self, option: str, on: bool = True):
         """Raise unless the backend honours `option` (when it is switched on)."""
         if on and option not in BACKENDS[self.backend].supports:
+            why = f" ({WHY_NOT[option]})" if option in WHY_NOT else ""
             raise ConfigError(
-                f"attention.backend={self.backend!r} cannot honour {option}; backends that can: "
+                f"attention.backend={self.backend!r} cannot honour {option}{why}; backends that can: "
                 f"{backends_supporting(option)}. Switch the backend or turn the option off."
             )
 

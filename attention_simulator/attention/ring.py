@@ -17,13 +17,15 @@ Merging the per-block partials is exact:
 - sigmoid: attention over a union of key blocks is the sum of the attention over each block
   (no normaliser, no running max): out = Σ_j out_j, and the row mass likewise.
 - softmax: out_j is normalised over block j with log-sum-exp lse_j; the blocks merge by
-  lse = logaddexp(lse, lse_j), out = out·exp(lse_old − lse) + out_j·exp(lse_j − lse).
+  lse = logaddexp(lse, lse_j), out = out·exp(lse_old − lse) + out_j·exp(lse_j − lse). A sink
+  logit s (per head) is one more block, with lse_j = s and out_j = 0 (it has no value).
 
 The backward recomputes each block and differentiates it with autograd. Block j's share of the
 output is out_j (sigmoid) or exp(lse_j − lse)·out_j with the final lse held constant (softmax);
 the softmax normaliser's own gradient adds −Σ_rows exp(lse_j − lse)·D, D = rowsum(dO ⊙ O), as
-in FlashAttention-2's backward. dq accumulates locally; dk/dv accumulators travel around the
-ring with the key/value blocks and arrive back at the rank that owns them.
+in FlashAttention-2's backward; that term is all a sink's gradient has: −Σ_rows exp(s − lse)·D.
+dq accumulates locally; dk/dv accumulators travel around the ring with the key/value blocks and
+arrive back at the rank that owns them.
 """
 
 from __future__ import annotations
@@ -310,21 +312,34 @@ def _ring_backward(ring: _Ring, dout, q, k, v, bias, out, stat):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype)
 
 
+def _with_sink(out, stat, sink):
+    """Merge the sink's block (lse_j = s, out_j = 0) into the final (out, lse): out·exp(lse − lse')."""
+    lse = torch.logaddexp(stat, sink.float().reshape(1, -1, 1))  # (B, H, T)
+    return out * rearrange(torch.exp(stat - lse), "b h t -> b t h 1"), lse
+
+
 class _RingAttention(torch.autograd.Function):
-    """(out, stat) = f(q, k, v, bias); stat (mass or lse) is not differentiable."""
+    """(out, stat) = f(q, k, v, bias, sink); stat (mass or lse) is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, ring: _Ring):
+    def forward(ctx, q, k, v, bias, sink, ring: _Ring):
         out, stat = _ring_forward(ring, q, k, v, bias)
+        if sink is not None:
+            out, stat = _with_sink(out, stat, sink)
         ctx.ring = ring
-        ctx.save_for_backward(q, k, v, bias, out if ring.activation == "softmax" else None, stat)
+        ctx.save_for_backward(q, k, v, bias, sink, out if ring.activation == "softmax" else None, stat)
         ctx.mark_non_differentiable(stat)
         return out.to(q.dtype), stat
 
     @staticmethod
     def backward(ctx, dout, _dstat):
-        q, k, v, bias, out, stat = ctx.saved_tensors
-        return (*_ring_backward(ctx.ring, dout, q, k, v, bias, out, stat), None)
+        q, k, v, bias, sink, out, stat = ctx.saved_tensors
+        dq, dk, dv, dbias = _ring_backward(ctx.ring, dout, q, k, v, bias, out, stat)
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[4]:  # −Σ over rows of exp(s − lse)·D, per head
+            delta = torch.einsum("bthd,bthd->bht", dout.float(), out)
+            dsink = -(torch.exp(sink.float().reshape(1, -1, 1) - stat) * delta).sum((0, 2)).to(sink.dtype)
+        return dq, dk, dv, dbias, dsink, None
 
 
 def ring_attention(q, k, v, spec: AttentionSpec, cp: ContextParallel, activation: str, kernel: str) -> torch.Tensor:
@@ -342,7 +357,10 @@ def ring_attention(q, k, v, spec: AttentionSpec, cp: ContextParallel, activation
     _check_call(q, k, spec, bias)
     if kernel == "flash_sigmoid" and spec.alibi_slopes is not None:
         raise ValueError("ring attention cannot run ALiBi through flash_sigmoid; use the sigmoid backend.")
-    out, stat = _RingAttention.apply(q, k, v, bias, _Ring(spec, cp, activation, kernel))
-    if spec.probe is not None:  # the mass over the whole sequence; a softmax row's is 1 (every row attends)
-        spec.probe.record_mass(stat if activation == "sigmoid" else torch.ones_like(stat), None)
+    out, stat = _RingAttention.apply(q, k, v, bias, spec.sink, _Ring(spec, cp, activation, kernel))
+    if spec.probe is not None:  # the mass over the whole sequence: a softmax row's is 1 (every row attends)
+        mass = stat if activation == "sigmoid" else torch.ones_like(stat)
+        if spec.sink is not None:  # but for the sink's share
+            mass = mass - torch.exp(spec.sink.float().reshape(1, -1, 1) - stat)
+        spec.probe.record_mass(mass, None)
     return out

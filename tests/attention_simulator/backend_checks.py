@@ -49,7 +49,7 @@ def use_brute_force(module: Attention) -> Attention:
         out, _, _ = brute_force.attention(
             q, k, v, activation=activation, scale=spec.scale, bias=bias.to(q.dtype), causal=module.causal,
             window=window, alibi_slopes=spec.alibi_slopes, q_lengths=spec.q_lengths, k_lengths=spec.k_lengths,
-            dtype=q.dtype,
+            sink=spec.sink, dtype=q.dtype,
         )  # fmt: skip
         return out
 
@@ -59,31 +59,40 @@ def use_brute_force(module: Attention) -> Attention:
 
 def run(module, x, lengths, context=None, context_lengths=None):
     """Output at real positions and the gradients of a loss that only sees real positions."""
-    dtype = next(module.parameters()).dtype
-    x = x.detach().to(dtype).requires_grad_()
+    where = dict(device=next(module.parameters()).device, dtype=next(module.parameters()).dtype)
+    x = x.detach().to(**where).requires_grad_()
+    lengths = None if lengths is None else lengths.to(where["device"])
     kw = {}
     if lengths is not None:
         kw["padding"] = Padding.of(lengths, x.shape[1])
     if context is not None:
-        kw["context"] = context.to(dtype)
+        kw["context"] = context.to(**where)
+        context_lengths = None if context_lengths is None else context_lengths.to(where["device"])
         kw["context_padding"] = None if context_lengths is None else Padding.of(context_lengths, context.shape[1])
     out = module(x, **kw)
-    real = (torch.arange(x.shape[1])[None, :] < lengths[:, None])[..., None] if lengths is not None else 1.0
+    real = (
+        (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None]
+        if lengths is not None
+        else 1.0
+    )
     loss = (out * real * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().sum()
     params = [p for p in module.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [x, *params])
     return out * real, dict(zip(["x", *(n for n, p in module.named_parameters() if p.requires_grad)], grads))
 
 
-def check_backends(backends, causal, window, padded, position, kv_heads, cross=None, **sigmoid):
-    """Each of `backends` within the criterion of the brute force. cross=(Tq, Tk): cross-attention
-    of Tq queries over Tk context keys (with padded context when `padded`)."""
-    kw = dict(num_kv_heads=kv_heads, position=position, window=window, qk_norm="layernorm", **sigmoid)
+def check_backends(backends, causal, window, padded, position, kv_heads, cross=None, device="cpu",
+                   dtype=torch.float32, **options):  # fmt: skip
+    """Each of `backends` within the criterion of the brute force, the modules on `device` in
+    `dtype`. cross=(Tq, Tk): cross-attention of Tq queries over Tk context keys (with padded
+    context when `padded`)."""
+    kw = dict(num_kv_heads=kv_heads, position=position, window=window, qk_norm="layernorm", **options)
     torch.manual_seed(0)
-    modules = [Attention(32, 4, AttentionConfig(backend=b, **kw), causal=causal, kv_dim=cross and 24) for b in backends]
-    with torch.no_grad():  # learnable bias offsets and temperatures start at 0: make them matter
-        for p in (modules[0].bias_offset, modules[0].log_temperature):
-            if p is not None:
+    modules = [Attention(32, 4, AttentionConfig(backend=b, **kw), causal=causal, kv_dim=cross and 24).to(device, dtype)
+               for b in backends]  # fmt: skip
+    with torch.no_grad():  # learnable bias offsets, temperatures and sinks start at 0: make them matter
+        for p in (modules[0].bias_offset, modules[0].log_temperature, modules[0].sink_logit):
+            if isinstance(p, torch.nn.Parameter):  # (the off-by-one softmax's sink is a fixed 0)
                 p.normal_(std=0.3)
     for m in modules[1:]:
         m.load_state_dict(modules[0].state_dict())

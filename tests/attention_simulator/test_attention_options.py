@@ -184,6 +184,21 @@ def test_output_gate_multiplies_each_head_by_a_sigmoid_of_the_input(backend, gat
     torch.testing.assert_close(gated(x), gated.proj(expected), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["softmax", "flash_softmax"])
+def test_off_by_one_softmax_gives_the_sink_one_share(backend):
+    """sink=zero: 1 + Σ exp in each row's denominator. With every logit 0 (queries zeroed), causal
+    row i averages values 0..i with weight 1 / (i + 2): the sink takes the other share."""
+    torch.manual_seed(0)
+    attn = Attention(16, 2, AttentionConfig(backend=backend, sink="zero"), causal=True)
+    attn.proj = torch.nn.Identity()
+    with torch.no_grad():
+        attn.qkv.weight[:16], attn.qkv.bias[:16] = 0, 0  # q = 0
+    x = torch.randn(1, 5, 16)
+    values = x @ attn.qkv.weight[32:].T + attn.qkv.bias[32:]  # (1, T, C)
+    expected = torch.stack([values[0, : i + 1].sum(0) / (i + 2) for i in range(5)])
+    torch.testing.assert_close(attn(x)[0], expected)
+
+
 # ---- norms and block shapes --------------------------------------------------------------------------
 
 
@@ -258,6 +273,7 @@ def test_cross_attention_with_other_lengths_and_widths(naive, fused):
         (dict(backend="sigmoid", sigmoid_bias=1.0, bias_n="per_row"), r"bias_n=per_row only applies"),
         (dict(position="absolute"), r"attention.position='absolute'"),
         (dict(window=-3), r"window=-3"),
+        (dict(backend="flash_sigmoid", sink="learned"), r"cannot honour sink \(.*sigmoid attention does not have\)"),
         (dict(gate="per_head"), r"attention.gate='per_head': choose one of \['none', 'headwise', 'elementwise'\]"),
     ],
 )

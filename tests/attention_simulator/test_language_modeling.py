@@ -109,8 +109,8 @@ def test_bits_per_byte_by_hand():
 
 
 CACHE_CASES = [
-    ("softmax", dict(position="rope", gate="headwise")),
-    ("flash_softmax", dict(position="alibi", window=6)),
+    ("softmax", dict(position="rope", gate="headwise", sink="learned")),
+    ("flash_softmax", dict(position="alibi", window=6, sink="zero")),
     ("sigmoid", dict(position="rope", sigmoid_bias="auto", bias_n="per_row", length_norm="sqrt_n")),
     ("sigmoid", dict(position="alibi", sigmoid_bias=-3.0, learnable_bias="scalar")),
     (
@@ -126,10 +126,11 @@ def tiny_lm(backend: str, **options) -> DecoderLM:
     model = DecoderLM(
         vocab_size=50, dim=32, depth=2, num_heads=4, attention=AttentionConfig(backend=backend, **options)
     )
-    with torch.no_grad():  # a learned offset that is not 0, so the cache must carry it too
+    with torch.no_grad():  # a learned offset or sink that is not 0, so the cache must carry it too
         for block in model.blocks:
-            if block.attn.bias_offset is not None:
-                block.attn.bias_offset.normal_()
+            for p in (block.attn.bias_offset, block.attn.sink_logit):
+                if isinstance(p, torch.nn.Parameter):
+                    p.normal_()
     return model
 
 

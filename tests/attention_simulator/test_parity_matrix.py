@@ -66,3 +66,12 @@ def test_output_gates_match_brute_force(gate):
     """The gate is outside the backend: every backend, gradients of W_g included."""
     check_backends(["softmax", "flash_softmax"], True, None, True, "rope", 2, gate=gate)
     check_backends(["sigmoid", "flash_sigmoid"], True, None, True, "rope", 2, sigmoid_bias="auto", gate=gate)
+
+
+@pytest.mark.parametrize("causal, window, padded, position, kv_heads", STRUCTURE, ids=[_id(*s) for s in STRUCTURE])
+def test_softmax_sinks_match_brute_force(causal, window, padded, position, kv_heads):
+    """A learned sink logit per head, its gradient included; the off-by-one softmax (a fixed 0)
+    on the structures where masks meet the sink's key: causal, windowed, padded."""
+    check_backends(["softmax", "flash_softmax"], causal, window, padded, position, kv_heads, sink="learned")
+    if causal and padded:
+        check_backends(["softmax", "flash_softmax"], causal, window, padded, position, kv_heads, sink="zero")

@@ -48,6 +48,8 @@ EXTRAS = {  # options beyond the backend / mask / position grid, so each appears
     "flash_sigmoid-full-none": dict(sigmoid_bias=None),
     "flash_sigmoid-causal-none": dict(num_kv_heads=1),
     "softmax-causal-alibi": dict(num_kv_heads=1, qk_norm="rmsnorm"),
+    "softmax-causal-rope": dict(sink="learned"),
+    "softmax-full-none": dict(sink="zero", gate="headwise"),
 }
 
 
@@ -67,7 +69,7 @@ def attention_cases() -> dict[str, tuple[dict, bool]]:
 ATTENTION_CASES = attention_cases()
 LM_CASES = {  # name: (pos_embed, attention options); absolute embeddings must use global positions
     "lm-learned-sigmoid-rope": ("learned", dict(backend="sigmoid", position="rope", sigmoid_bias="auto")),
-    "lm-sincos-softmax-gated": ("sincos", dict(backend="softmax", gate="headwise")),
+    "lm-sincos-softmax-gated-sink": ("sincos", dict(backend="softmax", gate="headwise", sink="learned")),
     "lm-none-flash_sigmoid-gated": ("none", dict(backend="flash_sigmoid", sigmoid_bias="auto", gate="elementwise")),
 }
 
@@ -101,10 +103,10 @@ def _error(sharded: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _randomise(module: nn.Module):
-    """Learned biases and temperatures start at 0; move them so that their gradients matter."""
+    """Learned biases, temperatures and sinks start at 0; move them so that their gradients matter."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if "bias_offset" in name or "log_temperature" in name:
+            if "bias_offset" in name or "log_temperature" in name or "sink_logit" in name:
                 p.normal_(0.0, 0.5)
 
 

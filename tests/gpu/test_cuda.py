@@ -127,10 +127,19 @@ def test_offsets_past_two_to_the_31_elements():
     torch.testing.assert_close(out[1:], alone)
 
 
-def test_flash_attn_backend_matches_the_brute_force():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_attn_backend_matches_the_brute_force(dtype):
     pytest.importorskip("flash_attn")
     for causal, padded in ((False, False), (True, True)):
-        check_backends(["flash_softmax"], causal, None, padded, "alibi", 2)
+        check_backends(["flash_softmax"], causal, None, padded, "alibi", 2, device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softmax_sinks_on_the_device(dtype):
+    """flash_softmax's sink through SDPA's CUDA kernels (an extra key of 8 more channels)."""
+    for causal, padded, window in ((False, False, None), (True, True, 3)):
+        check_backends(["softmax", "flash_softmax"], causal, window, padded, "rope", 2, device="cuda", dtype=dtype,
+                       sink="learned")  # fmt: skip
 
 
 def straight_and_split(tmp_path, *common: str) -> dict[str, pd.DataFrame]:
