@@ -27,12 +27,16 @@ class Padding(Protocol):
 
 
 class Pairs(Protocol):
-    """What `AttentionProbe.record_logits` needs of an attention call (`AttentionSpec` is one)."""
+    """What `AttentionProbe.record_scores` needs of an attention call (`AttentionSpec` is one)."""
 
     scale: float
+    q_padding: Padding | None
 
     def attended(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(B|1, 1, Tq, Tk) bool: the pairs that attend, padded queries excluded."""
+
+    def row_weights(self, q: torch.Tensor, k: torch.Tensor, activation: str, rows: int = 256):
+        """(rows slice, the weights (B, H, rows, Tk) of those query rows), a few rows at a time."""
 
 
 _recomputing = 0  # > 0 while activation checkpointing recomputes a forward during backward
@@ -82,6 +86,22 @@ def token_stats(x: torch.Tensor, padding: Padding | None = None, prefix: str = "
     return stats
 
 
+def residual_stats(x: torch.Tensor, padding: Padding | None = None) -> dict[str, torch.Tensor]:
+    """`token_stats`, and the outliers among the activations x (B, T, C) of real tokens:
+    `massive`, the largest |x| over the median |x| (Sun et al. 2024's massive activations), and
+    `kurtosis`, E[(x − mean)⁴] / var² (3 for a Gaussian)."""
+    stats = token_stats(x, padding)
+    x = x.detach().float()
+    valid = torch.ones_like(x[..., :1]) if padding is None else padding.real[..., None].float()  # (B, T, 1)
+    magnitude = x.abs().masked_fill(valid == 0, float("nan"))
+    stats["massive"] = magnitude.nan_to_num(0.0).amax() / magnitude.nanmedian().clamp(min=1e-30)
+    count = valid.sum() * x.shape[-1]
+    mean = (x * valid).sum() / count
+    centred = (x - mean) * valid
+    stats["kurtosis"] = (centred**4).sum() / count / ((centred**2).sum() / count).square().clamp(min=1e-30)
+    return stats
+
+
 def attention_stats(
     weights: torch.Tensor, padding: Padding | None = None, entropy: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -97,6 +117,8 @@ def attention_stats(
         stats["entropy_mean"] = _masked_stats(row_entropy, valid, "entropy")["entropy_mean"]
     return stats
 
+
+SINK_EPSILON = 0.3  # a head is a sink head when its mean share on the first key exceeds this (Gu et al.)
 
 BLOCK = re.compile(r"^(.*?blocks\.\d+)(\.|$)")
 
@@ -153,6 +175,12 @@ class Probe(nn.Module):
         self.recorder.record_grad(self.key, token_stats(grad, padding, prefix="grad_"))
 
 
+class ResidualProbe(Probe):
+    """A `Probe` of the residual stream: `token_stats` and its outliers (`residual_stats`)."""
+
+    stats = staticmethod(residual_stats)
+
+
 class AttentionProbe(Probe):
     """Records attention mass (and entropy for softmax) of the weights matrix; fused sigmoid
     backends hand it the per-row mass via `record_mass` instead. Its gradient statistics are
@@ -166,17 +194,26 @@ class AttentionProbe(Probe):
         self.recorder.record(self.key, attention_stats(mass, padding))
 
     @torch.no_grad()
-    def record_logits(self, q: torch.Tensor, k: torch.Tensor, pairs: Pairs, rows: int = 256):
-        """`logit_max`: the largest attention logit q·kᵀ·scale over the pairs attended (no bias, no
-        ALiBi), whatever the backend. Its growth is the instability QK-norm prevents (Wortsman et
-        al. 2023). q (B, Tq, H, D), k (B, Tk, Hk, D); `rows` queries at a time bound the memory."""
+    def record_scores(self, q: torch.Tensor, k: torch.Tensor, pairs: Pairs, activation: str, rows: int = 256):
+        """Whatever the backend, from q (B, Tq, H, D) and k (B, Tk, Hk, D), `rows` queries at a time:
+        - `logit_max`: the largest attention logit q·kᵀ·scale over the pairs attended (no bias, no
+          ALiBi). Its growth is the instability QK-norm prevents (Wortsman et al. 2023);
+        - `sink_mass`: the share of each row's attention on the first key of its sequence (the
+          row's weights normalised to sum 1, as Gu et al. 2024 do for unnormalised attention), mean
+          over heads and real rows; `sink_heads`: the fraction of heads whose mean share exceeds
+          0.3 -- Gu et al.'s Sink₁^ε, ε = 0.3 (per process; averaged across processes)."""
         allowed = pairs.attended(q, k)  # (B|1, 1, Tq, Tk)
         highest = torch.tensor(float("-inf"), device=q.device)
-        for lo in range(0, q.shape[1], rows):
-            scores = attention_logits(q[:, lo : lo + rows], k, pairs.scale, dtype=torch.float32)  # (B, H, rows, Tk)
-            chunk = allowed[..., lo : lo + rows, :]
-            highest = torch.maximum(highest, scores.masked_fill(~chunk, float("-inf")).amax())
-        self.recorder.record(self.key, {"logit_max": highest})
+        shares = []
+        for part, weights in pairs.row_weights(q, k, activation, rows):  # (B, H, rows, Tk)
+            scores = attention_logits(q[:, part], k, pairs.scale, dtype=torch.float32)
+            highest = torch.maximum(highest, scores.masked_fill(~allowed[..., part, :], float("-inf")).amax())
+            shares.append(weights[..., 0] / weights.sum(-1).clamp(min=1e-30))  # (B, H, rows)
+        share = torch.cat(shares, -1)  # (B, H, Tq)
+        valid = torch.ones_like(share[:, :1]) if pairs.q_padding is None else pairs.q_padding.real[:, None].float()
+        per_head = (share * valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)  # (H,)
+        self.recorder.record(self.key, {"logit_max": highest, "sink_mass": per_head.mean(),
+                                        "sink_heads": (per_head > SINK_EPSILON).float().mean()})  # fmt: skip
 
     def _record_grad(self, padding, grad):
         norms = grad.detach().float().norm(dim=-1)  # (B, H, Tq): one per row of dL/dP

@@ -275,7 +275,7 @@ class Attention(nn.Module):
         if self.sequence_parallel is not None:
             return self.sequence_parallel.attend(q, k, v, spec, self.described)
         if spec.probe is not None:
-            spec.probe.record_logits(q, k, spec)
+            spec.probe.record_scores(q, k, spec, self.described.activation)
         return self.backend(q, k, v, spec)
 
     def length_normed(self, out, tk: int, spec: AttentionSpec) -> torch.Tensor:

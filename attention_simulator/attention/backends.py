@@ -13,7 +13,7 @@ parallelism, whether it writes a KV cache itself), and add `configs/attention/NA
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,6 +65,24 @@ class AttentionSpec:
         """(B|1, 1, Tq, Tk) bool: the (query, key) pairs that attend, padded queries excluded."""
         allowed, _ = self.mask(q, k, torch.float32)
         return allowed if self.q_padding is None else allowed & self.q_padding.real[:, None, :, None]
+
+    def row_weights(self, q, k, activation: str, rows: int = 256) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, their weights (B, H, rows, Tk) fp32) for `rows` query rows at a time: the weights
+        the naive backend of `activation` computes -- masks, ALiBi, the sigmoid bias, the sink --
+        without the whole matrix at once (the probes' view of a fused backend)."""
+        allowed, alibi = self.mask(q, k, torch.float32)
+        bias = self.sigmoid_bias if activation == "sigmoid" else None
+        for lo in range(0, q.shape[1], rows):
+            part = slice(lo, lo + rows)
+            row_bias = bias[..., part] if isinstance(bias, torch.Tensor) and bias.ndim == 3 else bias
+            logits = attention_logits(q[:, part], k, self.scale, dtype=torch.float32, bias=row_bias,
+                                      alibi=None if alibi is None else alibi[..., part, :])  # fmt: skip
+            attends = allowed[..., part, :]
+            if activation == "sigmoid":
+                yield part, torch.sigmoid(logits).masked_fill(~attends, 0.0)
+                continue
+            weights = softmax_with_sink(logits.masked_fill(~attends, float("-inf")), self.sink)
+            yield part, weights.nan_to_num(0.0)  # a row with no key: 0
 
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], torch.Tensor]
@@ -153,15 +171,20 @@ def _softmax_inputs(q, k, spec):
     return scores.masked_fill(~(allowed | ~any_key), float("-inf")), any_key
 
 
+def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores (B, H, Tq, Tk); with a sink (H,), one more logit per
+    head in each row's normaliser: its column takes its share of the row, then goes (no value)."""
+    if sink is None:
+        return torch.softmax(scores, dim=-1)
+    column = sink.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    return torch.softmax(torch.cat([scores, column], -1), dim=-1)[..., :-1]
+
+
 @register_backend("softmax", "softmax", {"causal", "window", "alibi", "dropout", "sink"}, ring_kernel="naive")
 @_exact
 def softmax_attention(q, k, v, spec: AttentionSpec) -> torch.Tensor:
     scores, any_key = _softmax_inputs(q, k, spec)
-    if spec.sink is None:
-        weights = torch.softmax(scores, dim=-1) * any_key  # (B, H, Tq, Tk)
-    else:  # the sink's column takes its share of each row, then goes: it has no value
-        sink = spec.sink.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-        weights = torch.softmax(torch.cat([scores, sink], -1), dim=-1)[..., :-1] * any_key
+    weights = softmax_with_sink(scores, spec.sink) * any_key  # (B, H, Tq, Tk)
     if spec.probe is not None:
         weights = spec.probe(weights, spec.q_padding)
     return weighted_values(_dropout(weights, spec.dropout_p), v)  # (B, Tq, H, D)

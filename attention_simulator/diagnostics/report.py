@@ -25,6 +25,10 @@ LAYER_PANELS = [  # (key pattern with {layer}, title)
     ("attn/{layer}/mass_mean", "attention mass Σ_j p_ij (mean over rows)"),
     ("attn_out/{layer}/norm_mean", "attention output norm (mean over tokens)"),
     ("resid/{layer}/norm_mean", "residual stream norm (mean over tokens)"),
+    ("attn/{layer}/sink_mass", "share of attention on the first key (mean over heads and rows)"),
+    ("attn/{layer}/sink_heads", "sink heads: mean first-key share > 0.3 (fraction of heads)"),
+    ("resid/{layer}/massive", "residual stream: max |x| / median |x|"),
+    ("resid/{layer}/kurtosis", "residual stream: kurtosis of the activations"),
 ]
 LIPSCHITZ_PANELS = [  # (solid, dashed) key patterns, title; the solid one's layer-mean goes in comparisons
     (("lipschitz/{layer}/spectral_max", None), "attention Jacobian ‖J‖₂ (max over sequences)"),

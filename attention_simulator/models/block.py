@@ -13,7 +13,7 @@ from ..attention import Attention, AttentionConfig
 from ..attention.masks import Documents, Padding
 from ..attention.norms import make_norm
 from ..errors import ConfigError
-from ..probes import Probe, recomputing
+from ..probes import Probe, ResidualProbe, recomputing
 
 
 class LayerScale(nn.Module):
@@ -98,7 +98,7 @@ class TransformerBlock(nn.Module):
         self.norm2, self.post_norm2, self.residual_norm2 = norm_if("pre", "hybrid"), norm_if("hybrid"), norm_if("post")
         self.mlp = Mlp(dim, int(dim * mlp_ratio), attention.proj_drop)
         self.ls2, self.drop_path2 = _optional(LayerScale, layer_scale, dim), _optional(DropPath, drop_path)
-        self.mlp_probe, self.resid_probe = Probe("mlp_out"), Probe("resid")
+        self.mlp_probe, self.resid_probe = Probe("mlp_out"), ResidualProbe("resid")
 
     def forward(self, x: torch.Tensor, padding: Padding | None = None, cache=None, documents: Documents | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

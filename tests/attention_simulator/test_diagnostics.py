@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,59 @@ def test_sigmoid_mass_from_the_matrix_or_the_kernel(backend):
     for stat, value in (("mean", mass.mean()), ("max", mass.max()), ("min", mass.min())):
         assert records[f"attn/block_00/mass_{stat}"] == pytest.approx(value.item(), rel=1e-5)
     assert ("attn/block_00/grad_norm_mean" in records) == (backend == "sigmoid")  # no matrix, no dL/dP
+
+
+BACKENDS = ["softmax", "sigmoid", "flash_softmax", "flash_sigmoid"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_key_share_and_sink_heads_of_every_backend(backend):
+    """Each row's weights normalised to sum 1, their first column averaged over real rows: per
+    head, then over heads (sink_mass), and the fraction of heads above 0.3 (sink_heads)."""
+    lengths = torch.tensor([5, 2, 3])
+    records, model, x, _, _ = record(backend, "auto" if "sigmoid" in backend else None, lengths=lengths,
+                                     probes=["attn"])  # fmt: skip
+    logits = attention_weights(model, x)  # (B, H, T, T)
+    per_head = torch.zeros(2)
+    for b, n in enumerate(lengths.tolist()):
+        s = logits[b, :, :n, :n]
+        p = s.softmax(-1) if "softmax" in backend else torch.sigmoid(s - torch.log(torch.tensor(float(n))))
+        per_head += (p[..., 0] / p.sum(-1)).sum(-1)
+    per_head /= lengths.sum()
+    assert records["attn/block_00/sink_mass"] == pytest.approx(per_head.mean().item(), rel=1e-5)
+    assert records["attn/block_00/sink_heads"] == pytest.approx((per_head > 0.3).float().mean().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_attention_is_a_sink_in_short_sequences(backend):
+    """Queries zeroed: every row attends its keys uniformly, so a row's first-key share is 1/n;
+    over sequences of 5, 2 and 2 tokens that is (5/5 + 2/2 + 2/2) / 9 = 1/3 > 0.3 in every head."""
+    torch.manual_seed(0)
+    model = Model(backend, "auto" if "sigmoid" in backend else None)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:16], model.blocks[0].attn.qkv.bias[:16] = 0, 0
+    diagnostics = Diagnostics(DiagnosticsConfig(every_n_steps=1, probes=["attn"]), model)
+    with diagnostics.recording():
+        model(torch.randn(3, 5, 16), torch.tensor([5, 2, 2]))
+    records = diagnostics.pop()
+    assert records["attn/block_00/sink_mass"] == pytest.approx(1 / 3, rel=1e-5)
+    assert records["attn/block_00/sink_heads"] == 1.0
+
+
+def test_massive_activations_and_kurtosis_of_the_residual_stream():
+    """max |x| / median |x| (the lower middle of an even count) and E[(x − m)⁴] / var² over the
+    activations of real tokens, from Python's statistics."""
+    lengths = torch.tensor([5, 2, 3])
+    records, _, _, out, _ = record(probes=["resid"], lengths=lengths)
+    values = [v for b, n in enumerate(lengths.tolist()) for v in out[b, :n].detach().flatten().tolist()]
+    magnitudes = [abs(v) for v in values]
+    assert records["resid/block_00/massive"] == pytest.approx(max(magnitudes) / statistics.median_low(magnitudes),
+                                                              rel=1e-5)  # fmt: skip
+    m = statistics.fmean(values)
+    variance = statistics.fmean([(v - m) ** 2 for v in values])
+    assert records["resid/block_00/kurtosis"] == pytest.approx(
+        statistics.fmean([(v - m) ** 4 for v in values]) / variance**2, rel=1e-5
+    )
 
 
 def test_off_runs_no_probe_code_and_on_changes_nothing(tmp_path, monkeypatch):

@@ -90,7 +90,7 @@ class MassProbe(nn.Module):
     def record_mass(self, mass, padding=None):
         self.mass = mass.detach()
 
-    def record_logits(self, q, k, spec):  # the unsharded call's largest logit: not compared here
+    def record_scores(self, q, k, spec, activation):  # the unsharded call's logits and sinks: not compared here
         pass
 
 

@@ -22,7 +22,13 @@ def metrics(run_dir, diagnostics=False):
     frame = pd.read_parquet(run_dir / "metrics.parquet").set_index("step")
     columns = ["train/loss", "train/grad_norm", "eval/loss", "eval/accuracy"]
     if diagnostics:
-        columns += [c for c in frame.columns if c.startswith(("attn/", "resid/")) and "eval_" not in c]
+        columns += [
+            c
+            for c in frame.columns
+            if c.startswith(("attn/", "resid/"))
+            and "eval_" not in c
+            and not c.endswith(("sink_heads", "massive", "kurtosis"))
+        ]  # each process's, averaged
     return frame[columns]
 
 
