@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import optorch
 
+from .checkpoint import latest_valid
 from .cli import exit_on_user_error, run_cli
 from .config import CONFIG_DIR, build, check_model_fits_data, check_positions, unused_sigmoid_options, validate
 from .diagnostics import Diagnostics
@@ -72,6 +73,19 @@ def shared_run_dir(own: Path, world: World) -> Path:
     elif own != shared and own.is_dir() and not any(own.iterdir()):
         own.rmdir()
     return shared
+
+
+def finished_run(run_dir: Path) -> tuple[DictConfig, Path]:
+    """A run directory's config (.hydra/config.yaml) and newest complete checkpoint, for scripts
+    that rebuild a trained model; a ConfigError when either is missing."""
+    checkpoint = latest_valid(run_dir / "checkpoints")
+    config = run_dir / ".hydra" / "config.yaml"
+    if checkpoint is None or not config.is_file():
+        raise ConfigError(
+            f"no complete checkpoint (checkpoints/step_*.pt) and config (.hydra/config.yaml) in {str(run_dir)!r}: "
+            "pass the run directory of an attention_simulator.train run."
+        )
+    return OmegaConf.load(config), checkpoint
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:

@@ -15,26 +15,18 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from attention_simulator.checkpoint import latest_valid, load_checkpoint
+from attention_simulator.checkpoint import load_checkpoint
 from attention_simulator.cli import exit_on_user_error
-from attention_simulator.errors import ConfigError
-from attention_simulator.train import make_trainer
+from attention_simulator.train import finished_run, make_trainer
 
 QUIET = ["logger.wandb=false", "logger.parquet=false", "logger.console=false", "diagnostics.every_n_steps=0",
          "task.sample_prompts=[]"]  # fmt: skip
 
 
 def evaluate(run_dir: Path, lengths: list[int] | None, overrides: list[str]) -> dict[str, float]:
-    checkpoint = latest_valid(run_dir / "checkpoints")
-    config = run_dir / ".hydra" / "config.yaml"
-    if checkpoint is None or not config.is_file():
-        raise ConfigError(
-            f"no complete checkpoint (checkpoints/step_*.pt) and config (.hydra/config.yaml) in {str(run_dir)!r}: "
-            "pass the run directory of an attention_simulator.train run."
-        )
+    cfg, checkpoint = finished_run(run_dir)
     cfg = OmegaConf.merge(
-        OmegaConf.load(config),
-        OmegaConf.from_dotlist(QUIET + overrides + ([f"data.eval_seq_lens={lengths}"] if lengths else [])),
+        cfg, OmegaConf.from_dotlist(QUIET + overrides + ([f"data.eval_seq_lens={lengths}"] if lengths else []))
     )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(cfg, Path(tmp))

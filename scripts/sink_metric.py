@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from attention_simulator.checkpoint import latest_valid, load_checkpoint
+from attention_simulator.checkpoint import load_checkpoint
 from attention_simulator.cli import exit_on_user_error
 from attention_simulator.errors import ConfigError
-from attention_simulator.train import make_trainer
+from attention_simulator.train import finished_run, make_trainer
 
 QUIET = ["logger.wandb=false", "logger.parquet=false", "logger.console=false", "task.sample_prompts=[]"]
 PROBES = [
@@ -52,14 +52,7 @@ def first_tokens(loader, sequences: int, tokens: int) -> torch.Tensor:
 
 def sink_metric(run_dir: Path, sequences: int = 100, tokens: int = 64) -> dict[str, float]:
     """{'attn/block_NN/sink_mass': ..., 'attn/block_NN/sink_heads': ..., 'sink': Sink₁^0.3}."""
-    checkpoint = latest_valid(run_dir / "checkpoints")
-    config = run_dir / ".hydra" / "config.yaml"
-    if checkpoint is None or not config.is_file():
-        raise ConfigError(
-            f"no complete checkpoint (checkpoints/step_*.pt) and config (.hydra/config.yaml) in {str(run_dir)!r}: "
-            "pass the run directory of an attention_simulator.train run."
-        )
-    cfg = OmegaConf.load(config)
+    cfg, checkpoint = finished_run(run_dir)
     if cfg.task._target_.rsplit(".", 1)[-1] != "LanguageModelingTask":
         raise ConfigError(f"{str(run_dir)!r} is not a language model run: the sink metric reads the first tokens "
                           "of text sequences (task=language_modeling).")  # fmt: skip

@@ -89,6 +89,14 @@ CASES = {
         [sys.executable, str(SCRIPTS / "eval_lengths.py"), "{empty}"],
         ["no complete checkpoint"],
     ),  # fmt: skip
+    "sink metric of a run without checkpoints": (
+        [sys.executable, str(SCRIPTS / "sink_metric.py"), "{empty}"],
+        ["no complete checkpoint", ".hydra/config.yaml"],
+    ),  # fmt: skip
+    "sink metric of a vision run": (
+        [sys.executable, str(SCRIPTS / "sink_metric.py"), "{run}"],
+        ["is not a language model run", "task=language_modeling"],
+    ),  # fmt: skip
 }
 
 
