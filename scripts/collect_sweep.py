@@ -143,7 +143,7 @@ def summary_markdown(cells: pd.DataFrame, keys: list[str], metrics: list[str]) -
 
     def stats(row, m):
         spread = f" ± {row[f'{m} std']:.2g}" if row[f"{m} n"] > 1 else ""
-        return f"{row[f'{m} mean']:.4g}{spread} [{row[f'{m} low']:.4g}, {row[f'{m} high']:.4g}] ({row[f'{m} n']})"
+        return f"{row[f'{m} mean']:.4g}{spread} [{row[f'{m} low']:.4g}, {row[f'{m} high']:.4g}] ({int(row[f'{m} n'])})"
 
     def delta(row, m):
         value = row.get(f"{m} delta", np.nan)
