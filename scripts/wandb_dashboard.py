@@ -40,6 +40,13 @@ def build_workspace(entity: str, project: str, name: str = "Attention norms") ->
             per_layer("attn", "mass_max", "mass, max over rows"),
             per_layer("attn", "mass_min", "mass, min over rows"),
             per_layer("attn", "entropy_mean", "softmax entropy, mean over rows"),
+            per_layer("attn", "logit_max", "largest attention logit q·kᵀ/√d", log_y=True),
+        ]),
+        ws.Section(name="Attention sinks and massive activations", panels=[
+            per_layer("attn", "sink_mass", "share of attention on the first key"),
+            per_layer("attn", "sink_heads", "sink heads: first-key share > 0.3"),
+            per_layer("resid", "massive", "residual max |x| / median |x|", log_y=True),
+            per_layer("resid", "kurtosis", "residual stream kurtosis", log_y=True),
         ]),
         ws.Section(name="Attention outputs", is_open=True, panels=[
             per_layer("attn_v", "norm_mean", "attention·V norm", log_y=True),
