@@ -1,15 +1,16 @@
 """Tabulate a sweep: every run's overrides against its final metrics, with intervals.
 
-    python scripts/collect_sweep.py multirun/vit_sigmoid/2026-11-23_10-00-00 [--metric eval/accuracy ...] [--out DIR]
-        [--baseline sigmoid.bias=auto] [--sensitivity] [--curves 'attn/block_*/logit_max' train/loss
-        [--curves-at optimizer.learning_rate=0.1]]
+    python scripts/collect_sweep.py multirun/vit_sigmoid/2026-11-23_10-00-00 [MORE_DIRS ...] [--out DIR]
+        [--metric eval/accuracy ...] [--baseline sigmoid.bias=auto] [--sensitivity]
+        [--curves 'attn/block_*/logit_max' train/loss [--curves-at optimizer.learning_rate=0.1]]
 
-Reads each run directory under MULTIRUN_DIR (any depth: a `.hydra/overrides.yaml` beside a
-`metrics.parquet`), keeps the overrides that differ between runs, and takes each metric's last
-logged value. Prints a markdown table (one row per run, sorted by the swept values) and writes
+Reads each run directory under MULTIRUN_DIR, or under several as one sweep (any depth: a
+`.hydra/overrides.yaml` beside a `metrics.parquet`), keeps the overrides that differ between
+runs, and takes each metric's last logged value. Prints a markdown table (one row per run,
+sorted by the swept values) and writes
 `sweep.csv`, `sweep.md` and `sweep.png` (the main metric against the first swept key, one line
 per value of the others, mean ± std over seeds when `trainer.seed` is swept; runs whose metric
-is not finite marked as diverged) to --out (default: MULTIRUN_DIR).
+is not finite marked as diverged) to --out (default: the first MULTIRUN_DIR).
 A per-layer statistic's mean over layers is a metric too: `--metric lipschitz/layer_mean/spectral_max`.
 
 Each cell (the swept values but the seed) gets statistics of each --metric and the training
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -51,10 +53,11 @@ SEED = "trainer.seed"
 LR = "optimizer.learning_rate"
 
 
-def read_runs(root: Path) -> pd.DataFrame:
-    """One row per run: its overrides (key -> value) and the last value of every metric."""
+def read_runs(dirs: list[Path], root: Path) -> pd.DataFrame:
+    """One row per run under `dirs`: its folder relative to `root`, its overrides (key -> value)
+    and the last value of every metric."""
     rows = []
-    for metrics in sorted(root.rglob("metrics.parquet")):
+    for metrics in sorted(path for directory in dirs for path in directory.resolve().rglob("metrics.parquet")):
         overrides_file = metrics.parent / ".hydra" / "overrides.yaml"
         if not overrides_file.exists():
             continue
@@ -64,7 +67,8 @@ def read_runs(root: Path) -> pd.DataFrame:
         numeric = {k: v for k, v in last.items() if not isinstance(v, str)} | loss_landmarks(frame)
         rows.append({"run": str(metrics.parent.relative_to(root)), **overrides, "step": frame["step"].max(), **numeric})
     if not rows:
-        raise ConfigError(f"no run directories (.hydra/overrides.yaml + metrics.parquet) under {root}")
+        where = ", ".join(map(str, dirs))
+        raise ConfigError(f"no run directories (.hydra/overrides.yaml + metrics.parquet) under {where}")
     return pd.DataFrame(rows)
 
 
@@ -246,11 +250,12 @@ def plot_curves(root: Path, runs: pd.DataFrame, swept: list[str], patterns: list
 
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("multirun_dir", type=Path)
+    parser.add_argument("multirun_dirs", type=Path, nargs="+", metavar="MULTIRUN_DIR",
+                        help="one sweep's folder, or several: their runs in one table")  # fmt: skip
     parser.add_argument("--metric", nargs="+", help="the main metric, or several: the first is plotted, all are "
                         "summarised (default: the first of eval/accuracy, eval/bits_per_byte, eval/wer, eval/loss that "
                         "the runs have)")  # fmt: skip
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="where the tables and figures go (default: the first MULTIRUN_DIR)")
     parser.add_argument("--baseline", metavar="KEY=VALUE",
                         help="also each cell's difference from the cell with KEY=VALUE, with its interval")  # fmt: skip
     parser.add_argument("--sensitivity", action="store_true",
@@ -265,7 +270,8 @@ def main(argv=None) -> pd.DataFrame:
         help="the runs to draw (default: those at the largest value of the first swept key)",
     )
     args = parser.parse_args(argv)
-    runs = read_runs(args.multirun_dir)
+    root = Path(os.path.commonpath([d.resolve() for d in args.multirun_dirs]))
+    runs = read_runs(args.multirun_dirs, root)
     metrics = [c for c in runs.columns if "/" in c and not c.startswith(("param/", "grad/", "update", "opt/"))]
     metrics = [m for m in metrics if m.startswith("eval/") and "/block_" not in m] + ["train/loss"]
     preferred = ("eval/accuracy", "eval/bits_per_byte", "eval/wer", "eval/loss")
@@ -280,7 +286,7 @@ def main(argv=None) -> pd.DataFrame:
         swept = ["run"]
     baseline = _baseline(args.baseline, runs, swept)
     result = table(runs, swept, [m for m in metrics if m in runs])
-    out = args.out or args.multirun_dir
+    out = args.out or args.multirun_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     markdown = markdown_table(
         list(result.columns), [[_scalar(v) for v in row] for row in result.itertuples(index=False)]
@@ -290,7 +296,7 @@ def main(argv=None) -> pd.DataFrame:
     result.to_csv(out / "sweep.csv", index=False)
     plot(runs, swept, metric, out / "sweep.png")
     shown = list(dict.fromkeys([*chosen, "train/loss"]))
-    cells = summary(runs, swept, shown, args.multirun_dir, baseline)
+    cells = summary(runs, swept, shown, root, baseline)
     text = summary_markdown(cells, [k for k in swept if k != SEED], shown)
     print("\nper cell (95 % bootstrap intervals):\n" + text)
     (out / "sweep_summary.md").write_text(text)
@@ -304,7 +310,7 @@ def main(argv=None) -> pd.DataFrame:
         (out / "sweep_sensitivity.md").write_text(text)
         sensitivity.to_csv(out / "sweep_sensitivity.csv", index=False)
     if args.curves:
-        plot_curves(args.multirun_dir, runs, swept, args.curves, args.curves_at, out / "sweep_curves.png")
+        plot_curves(root, runs, swept, args.curves, args.curves_at, out / "sweep_curves.png")
     print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'} ({metric})", file=sys.stderr)
     return result
 

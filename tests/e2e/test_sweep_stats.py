@@ -108,6 +108,15 @@ def test_intervals_over_examples_and_differences_between_cells(tmp_path):
     with pytest.raises(ConfigError, match="attention.*'a', 'b', 'c'"):
         collect_sweep.main([str(tmp_path), "--baseline", "attention=d"])
 
+    # the same runs as three sweeps, one folder each: the same table, read from each run's own folder
+    for name in rates:
+        (tmp_path / f"sweep_{name}").mkdir()
+        (tmp_path / f"attention={name}").rename(tmp_path / f"sweep_{name}" / f"attention={name}")
+    folders = [str(tmp_path / f"sweep_{name}") for name in rates]
+    collect_sweep.main([*folders, "--metric", "eval/loss", "eval/loss@long", "--out", str(tmp_path / "together")])
+    together = pd.read_csv(tmp_path / "together" / "sweep_summary.csv").set_index("attention").loc["a"]
+    pd.testing.assert_series_equal(together, row)
+
 
 def test_curves_draw_a_panel_per_matching_metric(tmp_path):
     for lr in ("1e-2", "1e-1"):
