@@ -70,12 +70,9 @@ def run(module, x, lengths, context=None, context_lengths=None):
         context_lengths = None if context_lengths is None else context_lengths.to(where["device"])
         kw["context_padding"] = None if context_lengths is None else Padding.of(context_lengths, context.shape[1])
     out = module(x, **kw)
-    real = (
-        (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None]
-        if lengths is not None
-        else 1.0
-    )
-    loss = (out * real * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().sum()
+    positions = torch.arange(x.shape[1], device=x.device)
+    real = 1.0 if lengths is None else (positions[None, :] < lengths[:, None])[..., None]
+    loss = (out * real * torch.linspace(-1, 1, out.shape[-1], **where)).square().sum()
     params = [p for p in module.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [x, *params])
     return out * real, dict(zip(["x", *(n for n, p in module.named_parameters() if p.requires_grad)], grads))
@@ -96,8 +93,8 @@ def check_backends(backends, causal, window, padded, position, kv_heads, cross=N
                 p.normal_(std=0.3)
     for m in modules[1:]:
         m.load_state_dict(modules[0].state_dict())
-    exact = use_brute_force(copy.deepcopy(modules[0]).double())
-    lowp = use_brute_force(copy.deepcopy(modules[0]))
+    exact = use_brute_force(copy.deepcopy(modules[0]).cpu().double())  # the brute force's loops run on the CPU
+    lowp = use_brute_force(copy.deepcopy(modules[0]).cpu())
     tq, tk = cross or (11, 11)
     x = torch.randn(3, tq, 32)
     lengths = torch.tensor([tq, tq // 2 + 1, 1]) if padded else None
@@ -107,6 +104,6 @@ def check_backends(backends, causal, window, padded, position, kv_heads, cross=N
     ref, base = run(exact, *inputs), run(lowp, *inputs)
     for backend, module in zip(backends, modules):
         ours = run(module, *inputs)
-        criterion(ours[0], base[0], ref[0], f"{backend} out")
+        criterion(ours[0].cpu(), base[0], ref[0], f"{backend} out")
         for name in ref[1]:
-            criterion(ours[1][name], base[1][name], ref[1][name], f"{backend} grad {name}")
+            criterion(ours[1][name].cpu(), base[1][name], ref[1][name], f"{backend} grad {name}")
