@@ -107,7 +107,8 @@ def summary(runs: pd.DataFrame, swept: list[str], metrics: list[str], root: Path
     """One row per cell: for each metric the finite runs `n`, the `mean`, `std` over seeds (n − 1
     in the denominator) and the bootstrap interval `low` … `high`; with a baseline (key, value)
     also `delta`, the difference from the mean of the baseline's cell (the same other keys), and
-    its interval `delta low` … `delta high` (the two cells resampled independently)."""
+    its interval `delta low` … `delta high` (paired over the examples both cells evaluate, the
+    seeds of each drawn independently)."""
     rng = np.random.default_rng(0)
     keys = [k for k in swept if k != SEED]
     rows, replicates = [], {}

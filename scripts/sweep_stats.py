@@ -1,11 +1,14 @@
 """The statistics of `collect_sweep.py`: bootstrap intervals over seeds and evaluation examples,
 differences between cells, and Wortsman et al. 2023's learning-rate sensitivity.
 
-Every interval is a 95 % percentile bootstrap of 10 000 resamples from a fixed generator. A cell
+Every interval is a 95 % percentile bootstrap of 10 000 resamples from fixed generators. A cell
 (one setting of the swept values but the seed) resamples its seeds; where the runs kept their
-final evaluation's examples (RUN_DIR/eval_examples.parquet, written by the trainer), each drawn
-seed also resamples its examples (a two-level bootstrap: the interval covers both the run-to-run
-and the test-set noise), so even a single run gets an interval.
+final evaluation's examples (RUN_DIR/eval_examples.parquet, written by the trainer), each
+replicate also resamples the examples (a two-level bootstrap: the interval covers both the
+run-to-run and the test-set noise), so even a single run gets an interval. Every run draws the
+same examples in the same replicate, as they share one test set: its noise is not averaged away
+over seeds, and it cancels in a difference between two cells (a paired comparison), while the
+seeds of two cells are drawn independently.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pandas as pd
 
 RESAMPLES = 10_000
 EXAMPLES = "eval_examples.parquet"
+EXAMPLE_SEED = 1  # the examples' draws (the seeds' come from the caller's generator)
 
 
 def bootstrap_interval(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -30,12 +34,14 @@ def interval(replicates: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def example_replicates(totals: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
-                       resamples: int = RESAMPLES, chunk: int = 500) -> np.ndarray:  # fmt: skip
+def example_replicates(totals: np.ndarray, counts: np.ndarray, resamples: int = RESAMPLES,
+                       chunk: int = 500) -> np.ndarray:  # fmt: skip
     """(resamples,) bootstrap replicates of a run's metric Σ total / Σ count, its examples drawn
     with replacement (a ratio of sums: CER is edits over reference characters, not a mean of
-    per-utterance rates)."""
+    per-utterance rates). The draws depend only on the number of examples: every run evaluated
+    on the same examples gets the same draws, replicate by replicate (they share one test set)."""
     n, out = len(totals), []
+    rng = np.random.default_rng(EXAMPLE_SEED)
     for start in range(0, resamples, chunk):  # chunks of draws bound the memory (n can be 10⁴)
         draws = rng.integers(0, n, (min(chunk, resamples - start), n))
         out.append(totals[draws].sum(1) / counts[draws].sum(1))
@@ -66,7 +72,7 @@ def cell_replicates(group: pd.DataFrame, metric: str, root: Path, rng: np.random
     per_run = [run_examples(root / run, metric) for run in finite["run"]]
     seeds = rng.integers(0, len(finite), (RESAMPLES, len(finite)))
     if all(e is not None for e in per_run):
-        runs = np.stack([example_replicates(*e, rng) for e in per_run])  # (runs, RESAMPLES)
+        runs = np.stack([example_replicates(*e) for e in per_run])  # (runs, RESAMPLES)
         return runs[seeds, np.arange(RESAMPLES)[:, None]].mean(1)
     return finite[metric].to_numpy(float)[seeds].mean(1)
 

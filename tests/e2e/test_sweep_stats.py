@@ -145,3 +145,30 @@ def test_a_layer_mean_is_a_metric(tmp_path):
     cell = pd.read_csv(tmp_path / "sweep_summary.csv").iloc[0]
     assert cell["lipschitz/layer_mean/spectral_max mean"] == pytest.approx((5.0 + 6.0) / 2)
     assert cell["lipschitz/layer_mean/spectral_max std"] == pytest.approx(np.std([5.0, 6.0], ddof=1))
+
+
+def test_examples_are_drawn_alike_for_every_run_of_one_test_set(tmp_path):
+    """One test set: its noise is not averaged away over seeds (two seeds with the same errors get
+    the interval of one), and it cancels in a difference (a paired comparison): b makes one more
+    error on every 20th example, a difference far inside either cell's own interval, yet detected."""
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(5, 40, 300).astype(float)
+    errors = rng.binomial(lengths.astype(int), 0.2).astype(float)
+    more = errors + (np.arange(300) % 20 == 0)
+    for name, seed, e in (("a", 0, errors), ("a", 1, errors), ("b", 0, more), ("b", 1, more)):
+        examples = pd.DataFrame({"split": "", "eval/loss": e, "eval/loss count": lengths})
+        fake_run(
+            tmp_path / "sweep", {"attention": name, "trainer.seed": seed}, [1.0, e.sum() / lengths.sum()], examples
+        )
+    fake_run(tmp_path / "alone", {"attention": "a"}, [1.0, errors.sum() / lengths.sum()],
+             pd.DataFrame({"split": "", "eval/loss": errors, "eval/loss count": lengths}))  # fmt: skip
+    collect_sweep.main([str(tmp_path / "sweep"), "--metric", "eval/loss", "--baseline", "attention=a"])
+    cells = pd.read_csv(tmp_path / "sweep" / "sweep_summary.csv").set_index("attention")
+    collect_sweep.main([str(tmp_path / "alone"), "--metric", "eval/loss"])
+    alone = pd.read_csv(tmp_path / "alone" / "sweep_summary.csv").iloc[0]
+    for end in ("low", "high"):
+        assert cells.loc["a", f"eval/loss {end}"] == pytest.approx(alone[f"eval/loss {end}"], rel=1e-12)
+    width = cells.loc["a", "eval/loss high"] - cells.loc["a", "eval/loss low"]
+    delta = cells.loc["b", "eval/loss delta"]
+    assert 0 < delta < width / 4
+    assert 0 < cells.loc["b", "eval/loss delta low"] < delta < cells.loc["b", "eval/loss delta high"]
