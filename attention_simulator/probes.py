@@ -17,8 +17,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from flash_sigmoid.reference import attention_logits
-
 
 class Padding(Protocol):
     """What a probe needs of a right-padded batch (`attention.masks.Padding` is one)."""
@@ -36,7 +34,8 @@ class Pairs(Protocol):
         """(B|1, 1, Tq, Tk) bool: the pairs that attend, padded queries excluded."""
 
     def row_weights(self, q: torch.Tensor, k: torch.Tensor, activation: str, rows: int = 256):
-        """(rows slice, the weights (B, H, rows, Tk) of those query rows), a few rows at a time."""
+        """(rows slice, the scores q·kᵀ·scale and the weights (B, H, rows, Tk) of those query rows),
+        a few rows at a time."""
 
 
 _recomputing = 0  # > 0 while activation checkpointing recomputes a forward during backward
@@ -205,8 +204,7 @@ class AttentionProbe(Probe):
         allowed = pairs.attended(q, k)  # (B|1, 1, Tq, Tk)
         highest = torch.tensor(float("-inf"), device=q.device)
         shares = []
-        for part, weights in pairs.row_weights(q, k, activation, rows):  # (B, H, rows, Tk)
-            scores = attention_logits(q[:, part], k, pairs.scale, dtype=torch.float32)
+        for part, scores, weights in pairs.row_weights(q, k, activation, rows):  # (B, H, rows, Tk) each
             highest = torch.maximum(highest, scores.masked_fill(~allowed[..., part, :], float("-inf")).amax())
             shares.append(weights[..., 0] / weights.sum(-1).clamp(min=1e-30))  # (B, H, rows)
         share = torch.cat(shares, -1)  # (B, H, Tq)

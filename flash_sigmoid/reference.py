@@ -88,7 +88,7 @@ def _bias_terms(bias, alibi, hk_g):
     return total
 
 
-def _logit_bias(bias, dtype, device) -> torch.Tensor:
+def logit_bias(bias, dtype, device) -> torch.Tensor:
     """A float or a tensor [], [H], [B, H] or per row [B, H, Tq], shaped to add to (B, H, Tq, Tk)."""
     bias = torch.as_tensor(bias, dtype=dtype, device=device)
     if bias.ndim == 1:
@@ -124,7 +124,7 @@ def attention_logits(q, k, scale: float, *, dtype=None, softcap=0.0, bias=None, 
     if softcap > 0:
         logits = softcap * torch.tanh(logits / softcap)
     if bias is not None:
-        logits = logits + _logit_bias(bias, dtype, q.device)
+        logits = logits + logit_bias(bias, dtype, q.device)
     if alibi is not None:
         logits = logits + alibi
     return logits

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import flash_sigmoid
-from flash_sigmoid.reference import attention_logits, attention_mask, sigmoid_weights, weighted_values
+from flash_sigmoid.reference import attention_logits, attention_mask, logit_bias, sigmoid_weights, weighted_values
 
 from .masks import Padding
 from .ops import at_least_fp32, repeat_kv
@@ -66,23 +66,26 @@ class AttentionSpec:
         allowed, _ = self.mask(q, k, torch.float32)
         return allowed if self.q_padding is None else allowed & self.q_padding.real[:, None, :, None]
 
-    def row_weights(self, q, k, activation: str, rows: int = 256) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(rows, their weights (B, H, rows, Tk) fp32) for `rows` query rows at a time: the weights
-        the naive backend of `activation` computes -- masks, ALiBi, the sigmoid bias, the sink --
-        without the whole matrix at once (the probes' view of a fused backend)."""
+    def row_weights(self, q, k, activation: str, rows: int = 256) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """(rows, their scores q·kᵀ·scale and their weights, each (B, H, rows, Tk) fp32) for `rows`
+        query rows at a time: the weights the naive backend of `activation` computes -- masks,
+        ALiBi, the sigmoid bias, the sink -- without the whole matrix at once (the probes' view of
+        a fused backend)."""
         allowed, alibi = self.mask(q, k, torch.float32)
         bias = self.sigmoid_bias if activation == "sigmoid" else None
         for lo in range(0, q.shape[1], rows):
             part = slice(lo, lo + rows)
-            row_bias = bias[..., part] if isinstance(bias, torch.Tensor) and bias.ndim == 3 else bias
-            logits = attention_logits(q[:, part], k, self.scale, dtype=torch.float32, bias=row_bias,
-                                      alibi=None if alibi is None else alibi[..., part, :])  # fmt: skip
+            scores = attention_logits(q[:, part], k, self.scale, dtype=torch.float32)  # no bias, no ALiBi
+            logits = scores if alibi is None else scores + alibi[..., part, :]
+            if bias is not None:
+                row_bias = bias[..., part] if isinstance(bias, torch.Tensor) and bias.ndim == 3 else bias
+                logits = logits + logit_bias(row_bias, torch.float32, q.device)
             attends = allowed[..., part, :]
             if activation == "sigmoid":
-                yield part, torch.sigmoid(logits).masked_fill(~attends, 0.0)
+                yield part, scores, torch.sigmoid(logits).masked_fill(~attends, 0.0)
                 continue
             weights = softmax_with_sink(logits.masked_fill(~attends, float("-inf")), self.sink)
-            yield part, weights.nan_to_num(0.0)  # a row with no key: 0
+            yield part, scores, weights.nan_to_num(0.0)  # a row with no key: 0
 
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], torch.Tensor]
